@@ -1,0 +1,165 @@
+"""Forward hooks that reduce a first layer's inputs to TrAct statistics, and their accumulators.
+
+A forward pass is recorded only when it will be trained: grad enabled, the module in training mode,
+its weight requiring grad, and the module being the very layer we were given (a ``deepcopy`` of the
+model, e.g. an EMA copy, carries an inert copy of the hook). Each recorded pass stays *pending*
+until backward reaches its output; only then does it count towards the next step. This makes
+gradient accumulation, ``zero_grad`` between forward and backward, activation checkpointing
+(whose recomputed passes are never backpropagated themselves) and forward passes without a
+backward all come out right.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from . import unfold
+
+
+@dataclass
+class Stats:
+    """Statistics of some rows of one layer: their count and either the rows or their Gram.
+
+    Rows (groups, r, n) are kept only while r < n, where they are smaller than the Gram and allow
+    the cheaper Woodbury solve; otherwise the Gram (groups, n, n) is kept. Both are fp32.
+    """
+
+    count: int
+    gram: Tensor | None = None
+    rows: Tensor | None = None
+
+    def to_gram(self) -> Tensor:
+        """The Gram of these rows, computing it from the rows when needed."""
+        if self.gram is not None:
+            return self.gram
+        assert self.rows is not None
+        return self.rows.transpose(1, 2) @ self.rows
+
+    def merge(self, other: Stats, n: int) -> Stats:
+        """The statistics of both row sets together."""
+        count = self.count + other.count
+        if self.rows is not None and other.rows is not None and count < n:
+            return Stats(count=count, rows=torch.cat([self.rows, other.rows], dim=1))
+        return Stats(count=count, gram=self.to_gram() + other.to_gram())
+
+
+class _ForwardHook:
+    """The module hook. Holds weak references only: inert in deep copies and after unpickling."""
+
+    def __init__(self, capture: LayerCapture) -> None:
+        self._capture: Any = weakref.ref(capture)
+        self._layer: Any = weakref.ref(capture.layer)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        capture = self._capture()
+        if capture is None or module is not self._layer():
+            return
+        capture.record(args[0], output)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._capture = self._layer = lambda: None
+
+
+class LayerCapture:
+    """Hooks on one first layer plus the statistics recorded since the last step."""
+
+    def __init__(self, layer: nn.Module, chunk_bytes: int = unfold.DEFAULT_CHUNK_BYTES) -> None:
+        self.layer = layer
+        self.geometry = unfold.geometry(layer)
+        self.chunk_bytes = chunk_bytes
+        self.weight: Tensor = layer.weight  # type: ignore[assignment]
+        self._keys = itertools.count()
+        self._pending: dict[int, Stats] = {}
+        self._consumed: Stats | None = None
+        self._handle: RemovableHandle | None = layer.register_forward_hook(_ForwardHook(self))
+
+    @property
+    def active(self) -> bool:
+        return self._handle is not None
+
+    @property
+    def recorded_any(self) -> bool:
+        """Whether any forward pass was recorded since the last reset, backpropagated or not."""
+        return self._consumed is not None or bool(self._pending)
+
+    def remove(self) -> None:
+        """Take the hook off the layer and drop all statistics."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop everything recorded so far (after a step)."""
+        self._pending.clear()
+        self._consumed = None
+
+    def reset_consumed(self) -> None:
+        """Drop statistics whose gradients were just cleared (``zero_grad``); keep pending ones."""
+        self._consumed = None
+
+    def take(self) -> Stats | None:
+        """The statistics of all backpropagated passes since the last reset."""
+        return self._consumed
+
+    def set_consumed(self, stats: Stats | None) -> None:
+        """Replace the backpropagated statistics (used after synchronising across ranks)."""
+        self._consumed = stats
+
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def record(self, x: Tensor, output: Any) -> None:
+        """Reduce one forward pass's input to statistics and wait for its backward."""
+        if not (
+            torch.is_grad_enabled()
+            and self.layer.training
+            and self.weight.requires_grad
+            and isinstance(output, Tensor)
+            and output.requires_grad
+        ):
+            return
+        x = x.detach()
+        count = unfold.row_count(self.layer, x)
+        if count == 0:
+            return
+        if count < self.geometry.n:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                rows = unfold.rows(self.layer, x).float().contiguous()
+            stats = Stats(count=count, rows=rows)
+        else:
+            stats = Stats(count=count, gram=unfold.gram(self.layer, x, self.chunk_bytes))
+        key = next(self._keys)
+        self._pending[key] = stats
+        output.register_hook(_ConsumeHook(self, key))  # type: ignore[no-untyped-call]
+
+    def consume(self, key: int) -> None:
+        """Backward reached the output of pass ``key``: its statistics now count."""
+        stats = self._pending.pop(key, None)
+        if stats is None:
+            return
+        if self._consumed is None:
+            self._consumed = stats
+        else:
+            self._consumed = self._consumed.merge(stats, self.geometry.n)
+
+
+class _ConsumeHook:
+    """Tensor hook on a recorded pass's output; marks the pass as backpropagated."""
+
+    def __init__(self, capture: LayerCapture, key: int) -> None:
+        self._capture = weakref.ref(capture)
+        self._key = key
+
+    def __call__(self, grad: Tensor) -> None:
+        capture = self._capture()
+        if capture is not None:
+            capture.consume(self._key)

@@ -1,0 +1,171 @@
+"""Rows of a first layer's input: the x in TrAct's G·(xᵀx/r + λI)⁻¹.
+
+A Linear layer's rows are its inputs with all leading dimensions flattened. A convolution's rows
+are its unfolded input patches: one row per image and output position, laid out like the flattened
+weight (in_channels/groups, *kernel_size), one set of rows per group. Everything here is exact for
+every configuration the layers accept (stride, int/tuple/'same'/'valid' padding, dilation, groups,
+all padding modes) and knows nothing about optimizers or hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: Default bound on the bytes of unfolded rows materialised at once.
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the statistics of one first layer look like: ``groups`` Grams of size ``n`` × ``n``."""
+
+    groups: int
+    n: int
+    out_features: int
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_features // self.groups
+
+
+def geometry(layer: nn.Module) -> Geometry:
+    """The group count and row width ``n`` of a supported first layer."""
+    if isinstance(layer, nn.Linear):
+        return Geometry(groups=1, n=layer.in_features, out_features=layer.out_features)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        n = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+        return Geometry(groups=layer.groups, n=n, out_features=layer.out_channels)
+    names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LAYERS)
+    raise TypeError(f"unsupported first layer {type(layer).__name__}; supported: {names}")
+
+
+def _padding_pairs(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
+    """Padding in ``F.pad`` order (last dim first, left then right), as the layer pads."""
+    dims = len(conv.kernel_size)
+    if conv.padding == "valid":
+        return [0, 0] * dims
+    pairs: list[int] = []
+    for i in reversed(range(dims)):
+        if conv.padding == "same":
+            total = conv.dilation[i] * (conv.kernel_size[i] - 1)
+            pairs += [total // 2, total - total // 2]
+        else:
+            p = conv.padding[i]
+            assert isinstance(p, int)
+            pairs += [p, p]
+    return pairs
+
+
+def _pad(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+    pairs = _padding_pairs(conv)
+    if not any(pairs):
+        return x
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, pairs, mode=mode)
+
+
+def _is_patch_embedding(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> bool:
+    """Stride = kernel, no padding, no dilation: non-overlapping windows, a pure reshape."""
+    return (
+        tuple(conv.stride) == tuple(conv.kernel_size)
+        and not any(_padding_pairs(conv))
+        and all(d == 1 for d in conv.dilation)
+    )
+
+
+def _conv_rows(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+    """Rows of a batch of (already batched) inputs, shape (groups, B·positions, n)."""
+    dims = len(conv.kernel_size)
+    batch, channels = x.shape[0], x.shape[1]
+    if _is_patch_embedding(conv):
+        # Crop the remainder the convolution ignores, then split every spatial dim into
+        # (positions, kernel): a view; the reshape below is the only copy.
+        for i, k in enumerate(conv.kernel_size):
+            size = x.shape[2 + i] // k * k
+            x = x.narrow(2 + i, 0, size)
+        shape = [batch, channels]
+        for i, k in enumerate(conv.kernel_size):
+            shape += [x.shape[2 + i] // k, k]
+        windows = x.reshape(shape)
+        # (B, C, o1, k1, o2, k2, ...) -> (B, o1, o2, ..., C, k1, k2, ...)
+        order = [0, *(2 + 2 * i for i in range(dims)), 1, *(3 + 2 * i for i in range(dims))]
+        windows = windows.permute(order)
+    else:
+        x = _pad(conv, x)
+        for i in range(dims):
+            span = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+            x = x.unfold(2 + i, span, conv.stride[i])
+        # x: (B, C, o1..oD, span1..spanD); keep every dilation-th window element.
+        index = [slice(None)] * (2 + dims) + [slice(None, None, d) for d in conv.dilation]
+        windows = x[tuple(index)]
+        order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+        windows = windows.permute(order)
+    groups = conv.groups
+    n = channels // groups * math.prod(conv.kernel_size)
+    rows = windows.reshape(-1, groups, n)
+    return rows.transpose(0, 1)
+
+
+def batched_input(layer: nn.Module, x: Tensor) -> Tensor:
+    """The layer's input with an explicit batch dimension (convolutions accept unbatched input)."""
+    if (
+        isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and x.dim() == len(layer.kernel_size) + 1
+    ):
+        return x.unsqueeze(0)
+    return x
+
+
+def rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """All rows of one input at once, shape (groups, r, n), in the input's dtype."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(1, -1, layer.in_features)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return _conv_rows(layer, batched_input(layer, x))
+    geometry(layer)  # raises the TypeError
+    raise AssertionError("unreachable")
+
+
+def row_count(layer: nn.Module, x: Tensor) -> int:
+    """Number of rows ``r`` an input contributes (batch × output positions)."""
+    if isinstance(layer, nn.Linear):
+        return x.numel() // layer.in_features
+    conv = layer
+    assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    xb = batched_input(conv, x)
+    pairs = _padding_pairs(conv)
+    count = xb.shape[0]
+    for i in range(len(conv.kernel_size)):
+        size = xb.shape[2 + i] + pairs[2 * (len(conv.kernel_size) - 1 - i)]
+        size += pairs[2 * (len(conv.kernel_size) - 1 - i) + 1]
+        span = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+        count *= (size - span) // conv.stride[i] + 1
+    return count
+
+
+def gram(layer: nn.Module, x: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+    """xᵀx per group, shape (groups, n, n), fp32, unfolding at most ~``chunk_bytes`` at a time."""
+    geo = geometry(layer)
+    out = torch.zeros(geo.groups, geo.n, geo.n, dtype=torch.float32, device=x.device)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if isinstance(layer, nn.Linear):
+            flat = x.reshape(-1, geo.n)
+            step = max(1, chunk_bytes // (4 * geo.n))
+            for start in range(0, flat.shape[0], step):
+                part = flat[start : start + step].float()
+                out[0].addmm_(part.T, part)
+            return out
+        xb = batched_input(layer, x)
+        per_image = max(1, row_count(layer, xb[:1])) * geo.n * geo.groups * 4
+        step = max(1, chunk_bytes // per_image)
+        for start in range(0, xb.shape[0], step):
+            part = rows(layer, xb[start : start + step].float())
+            out.baddbmm_(part.transpose(1, 2), part)
+    return out
