@@ -64,7 +64,9 @@ class _ForwardHook:
         capture.record(args[0], output)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {}
+        # Copies (deepcopy, pickle) are inert: they belong to another model. The state must be
+        # non-empty, or Python skips __setstate__.
+        return {"inert": True}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._capture = self._layer = lambda: None
