@@ -95,7 +95,9 @@ class TrActOptimizer(Optimizer):
     ) -> None:
         inner = _as_optimizers(optimizer)
         layers = _as_layers(first_layer)
-        lam_list = [lam] * len(layers) if isinstance(lam, (int, float)) else list(lam)
+        lam_list: list[object] = [lam] * len(layers)
+        if isinstance(lam, Sequence) and not isinstance(lam, str):
+            lam_list = list(lam)
         if len(lam_list) != len(layers):
             raise ValueError(f"lam: got {len(lam_list)} values for {len(layers)} first layers")
         lams = [_check_lam(value, f"lam[{i}]") for i, value in enumerate(lam_list)]
@@ -146,7 +148,7 @@ class TrActOptimizer(Optimizer):
         """The inner optimizers' per-parameter state. TrAct keeps none of its own there."""
         if len(self._inner) == 1:
             return self._inner[0].state
-        return ChainMap(*(opt.state for opt in self._inner))
+        return _StateView(self._inner)
 
     @property
     def defaults(self) -> dict[str, Any]:  # type: ignore[override]
@@ -328,6 +330,8 @@ class TrActOptimizer(Optimizer):
                     f"state_dict must hold 'optimizers' with {len(self._inner)} entries "
                     "(saved from a TrActOptimizer over the same optimizers)"
                 )
+            for i, (opt, inner_sd) in enumerate(zip(self._inner, saved, strict=True)):
+                _check_group_sizes(opt, inner_sd, i)
             for opt, inner_sd in zip(self._inner, saved, strict=True):
                 opt.load_state_dict(inner_sd)
         if tract is not None:
@@ -358,6 +362,36 @@ class TrActOptimizer(Optimizer):
         return f"TrActOptimizer(layers=[{layers}]{state},\n{inner}\n)"
 
 
+class _StateView(ChainMap[Any, Any]):
+    """The inner optimizers' states as one mapping; ``view[p]`` reads (and, like torch's
+    defaultdict, creates) the entry in the optimizer that holds ``p``. A plain ChainMap would
+    create it in the first optimizer, whose ``state_dict()`` then fails on the foreign key."""
+
+    def __init__(self, optimizers: Sequence[Optimizer]) -> None:
+        super().__init__(*(opt.state for opt in optimizers))
+        self._optimizers = optimizers
+
+    def __getitem__(self, key: Any) -> Any:
+        for opt in self._optimizers:
+            if key in opt.state or any(
+                key is p for group in opt.param_groups for p in group["params"]
+            ):
+                return opt.state[key]
+        raise KeyError(key)
+
+
+def _check_group_sizes(opt: Optimizer, saved: Mapping[str, Any], index: int) -> None:
+    """Refuse a saved inner state that cannot fit, before any inner optimizer is loaded (torch
+    checks each optimizer only as it loads it, which would leave the earlier ones changed)."""
+    have = [len(group["params"]) for group in opt.param_groups]
+    got = [len(group["params"]) for group in saved.get("param_groups", [])]
+    if have != got:
+        raise ValueError(
+            f"state_dict['optimizers'][{index}] has param groups of sizes {got}, "
+            f"optimizers[{index}] has {have}; load a state dict saved from the same setup"
+        )
+
+
 def _local(grad: Tensor) -> Tensor:
     return distributed.local_rows(grad)[0]
 
@@ -374,6 +408,8 @@ def _missing_message(index: int, capture: LayerCapture) -> str:
         f"{what} has a gradient, but its forward hook recorded no training pass since the last "
         "step. Likely causes: the weight is used functionally (F.conv2d(x, layer.weight)) instead "
         "of calling the layer; the model was torch.compile'd before TrActOptimizer was created "
-        "(create the optimizer first); or the pass ran under no_grad/inference_mode or in eval "
-        "mode. Call the layer module in train mode with grad enabled."
+        "(create the optimizer first); the pass ran under no_grad/inference_mode or in eval "
+        "mode; or the weight was frozen (requires_grad=False) during the pass and this gradient "
+        "is left over from before the last step (call zero_grad() every step). Call the layer "
+        "module in train mode with grad enabled."
     )

@@ -1,0 +1,735 @@
+"""The torch.optim contract of ``TrActOptimizer`` in real training loops.
+
+Every numerical check compares against either the plain inner optimizer run side by side, or
+TrAct computed independently by ``_reference_grad`` (F.unfold / reshape, float64,
+``torch.linalg.solve``) and written into ``.grad`` of a plain optimizer's model.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.optim import SGD, Adam, Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR, StepLR
+
+from tract_optim import TrActOptimizer
+
+Batch = tuple[Tensor, Tensor]
+ATOL = 2e-6
+RTOL = 1e-4
+
+
+# --- models, data and the independent reference -------------------------------------------------
+
+
+def _conv_net(seed: int = 0) -> nn.Sequential:
+    """A Conv2d first layer (n = 27, 25 rows per 5×5 image) and a small head."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)
+    )
+
+
+def _linear_net(seed: int = 0) -> nn.Sequential:
+    """A Linear first layer (n = 6) and a small head."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _net(kind: str, seed: int = 0) -> nn.Sequential:
+    return _conv_net(seed) if kind == "conv" else _linear_net(seed)
+
+
+def _batches(kind: str, count: int, size: int = 4, seed: int = 1) -> list[Batch]:
+    """``count`` distinct standardised batches with 3-class labels."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (size, 3, 5, 5) if kind == "conv" else (size, 6)
+    return [
+        (torch.randn(shape, generator=gen), torch.randint(0, 3, (size,), generator=gen))
+        for _ in range(count)
+    ]
+
+
+def _loss(model: nn.Module, batch: Batch) -> Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _reference_grad(layer: nn.Module, x: Tensor, grad: Tensor, lam: float) -> Tensor:
+    """G·(xᵀx/r + λI)⁻¹ in float64 from explicitly unfolded rows (groups = 1, zero padding)."""
+    x64 = x.double()
+    if isinstance(layer, nn.Linear):
+        rows = x64.reshape(-1, layer.in_features)
+    else:
+        assert isinstance(layer, nn.Conv2d)
+        cols = F.unfold(
+            x64, layer.kernel_size, layer.dilation, layer.padding, layer.stride
+        )  # (B, n, L)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    n = rows.shape[1]
+    matrix = rows.T @ rows / rows.shape[0] + lam * torch.eye(n, dtype=torch.float64)
+    g = grad.double().reshape(grad.shape[0], n)
+    return torch.linalg.solve(matrix, g.T).T.reshape(grad.shape).to(grad.dtype)
+
+
+def _apply_reference(layer: nn.Module, x: Tensor, lam: float) -> None:
+    """Overwrite ``layer.weight.grad`` by its reference TrAct gradient."""
+    grad = layer.weight.grad
+    assert isinstance(grad, Tensor)
+    grad.copy_(_reference_grad(layer, x, grad, lam))
+
+
+def _reference_train(
+    model: nn.Sequential, opt: Optimizer, batches: Sequence[Batch], lam: float
+) -> None:
+    """Plain optimizer loop whose first-layer gradient is replaced by the reference TrAct one."""
+    for batch in batches:
+        opt.zero_grad()
+        _loss(model, batch).backward()
+        _apply_reference(model[0], batch[0], lam)
+        opt.step()
+
+
+def _train(model: nn.Module, opt: Optimizer, batches: Sequence[Batch]) -> None:
+    """The usual loop: zero_grad, forward, backward, step."""
+    for batch in batches:
+        opt.zero_grad()
+        _loss(model, batch).backward()
+        opt.step()
+
+
+def _assert_params(a: nn.Module, b: nn.Module, *, exact: bool = False) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        if exact:
+            assert torch.equal(p, q), name
+        else:
+            torch.testing.assert_close(p, q, atol=ATOL, rtol=RTOL, msg=name)
+
+
+def _state_snapshot(opt: Optimizer) -> dict[str, Any]:
+    return copy.deepcopy(opt.state_dict())
+
+
+def _assert_same_state(a: Any, b: Any) -> None:
+    """Deep equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor) and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            _assert_same_state(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same_state(x, y)
+    else:
+        assert a == b
+
+
+def _pair(
+    kind: str, make_opt: Callable[[nn.Module], Optimizer], lam: float = 0.1
+) -> tuple[nn.Sequential, TrActOptimizer, nn.Sequential, Optimizer]:
+    """Identical models: one trained through TrAct, one through the reference."""
+    model, ref = _net(kind), _net(kind)
+    opt = TrActOptimizer(make_opt(model), model[0], lam)
+    return model, opt, ref, make_opt(ref)
+
+
+def _adam(model: nn.Module) -> Optimizer:
+    return Adam(model.parameters(), lr=1e-2)
+
+
+def _sgd(model: nn.Module) -> Optimizer:
+    return SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+# --- the reference itself and the Optimizer views ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("size", [2, 8])
+def test_matches_reference_and_differs_from_plain(kind: str, size: int) -> None:
+    """TrAct equals the closed form (direct and Woodbury sizes) and is not the plain update."""
+    batches = _batches(kind, 3, size)
+    model, opt, ref, ref_opt = _pair(kind, _adam)
+    _train(model, opt, batches)
+    _reference_train(ref, ref_opt, batches, 0.1)
+    _assert_params(model, ref)
+    plain = _net(kind)
+    _train(plain, _adam(plain), batches)
+    assert not torch.allclose(plain[0].weight, model[0].weight, atol=1e-3)
+
+
+def test_is_optimizer_with_live_views() -> None:
+    """param_groups/state/defaults are the inner objects, also after load_state_dict."""
+    model = _conv_net()
+    inner = _adam(model)
+    opt = TrActOptimizer(inner, model[0])
+    assert isinstance(opt, Optimizer)
+    assert opt.param_groups is inner.param_groups
+    assert opt.state is inner.state
+    assert opt.defaults is inner.defaults
+    _train(model, opt, _batches("conv", 2))
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups is inner.param_groups
+    assert opt.state is inner.state
+    opt.param_groups[0]["lr"] = 0.123
+    assert inner.param_groups[0]["lr"] == 0.123
+    assert opt.state_dict()["param_groups"][0]["lr"] == 0.123
+
+
+def test_inner_state_holds_only_inner_entries() -> None:
+    """TrAct writes nothing into the inner per-parameter state: same keys as a plain Adam."""
+    batches = _batches("conv", 2)
+    model, plain = _conv_net(), _conv_net()
+    opt, plain_opt = TrActOptimizer(_adam(model), model[0]), _adam(plain)
+    _train(model, opt, batches)
+    _train(plain, plain_opt, batches)
+    assert len(opt.state) == len(plain_opt.state) == len(list(model.parameters()))
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert opt.state[p].keys() == plain_opt.state[q].keys()
+    saved = opt.state_dict()
+    assert saved.keys() == {*plain_opt.state_dict().keys(), "tract"}
+
+
+# --- LR schedulers -------------------------------------------------------------------------------
+
+
+def _step_lr(opt: Optimizer) -> LRScheduler:
+    return StepLR(opt, step_size=2, gamma=0.5)
+
+
+def _cosine(opt: Optimizer) -> LRScheduler:
+    return CosineAnnealingLR(opt, T_max=5)
+
+
+def _lambda(opt: Optimizer) -> LRScheduler:
+    return LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch))
+
+
+def _one_cycle(opt: Optimizer) -> LRScheduler:
+    return OneCycleLR(opt, max_lr=0.1, total_steps=6)
+
+
+@pytest.mark.parametrize("make_sched", [_step_lr, _cosine, _lambda, _one_cycle])
+def test_schedulers_drive_inner_lr(make_sched: Callable[[Optimizer], LRScheduler]) -> None:
+    """lr (and OneCycle's momentum) follow the plain schedule; updates use them; no warning."""
+    batches = _batches("conv", 5)
+    model, opt, ref, ref_opt = _pair("conv", _sgd)
+    sched, ref_sched = make_sched(opt), make_sched(ref_opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for batch in batches:
+            _train(model, opt, [batch])
+            _reference_train(ref, ref_opt, [batch], 0.1)
+            sched.step()
+            ref_sched.step()
+            for group, ref_group in zip(opt.param_groups, ref_opt.param_groups, strict=True):
+                assert group["lr"] == ref_group["lr"]
+                assert group["momentum"] == ref_group["momentum"]
+            assert sched.get_last_lr() == ref_sched.get_last_lr()
+    assert opt.optimizers[0].param_groups[0]["lr"] == ref_sched.get_last_lr()[0]
+    _assert_params(model, ref)
+
+
+# --- GradScaler and closures ---------------------------------------------------------------------
+
+
+def _scaled_train(
+    model: nn.Module, opt: Optimizer, scaler: torch.amp.GradScaler, batches: Sequence[Batch]
+) -> None:
+    for batch in batches:
+        opt.zero_grad()
+        scaler.scale(_loss(model, batch)).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
+def test_grad_scaler_equals_unscaled_run() -> None:
+    """Scaling by a power of two is exact, so the scaled TrAct run equals the unscaled one."""
+    batches = _batches("conv", 4)
+    model, unscaled = _conv_net(), _conv_net()
+    opt = TrActOptimizer(_adam(model), model[0])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    _scaled_train(model, opt, scaler, batches)
+    _train(unscaled, TrActOptimizer(_adam(unscaled), unscaled[0]), batches)
+    assert scaler.get_scale() == 2.0**12
+    _assert_params(model, unscaled, exact=True)
+
+
+@pytest.mark.parametrize("zero_grad_first", [True, False])
+def test_grad_scaler_skips_inf_step_without_stale_statistics(zero_grad_first: bool) -> None:
+    """An inf step changes nothing; the next step uses only its own batch's statistics."""
+    good, bad, later = _batches("conv", 3)
+    model, opt, ref, ref_opt = _pair("conv", _adam)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    _scaled_train(model, opt, scaler, [good])
+    _reference_train(ref, ref_opt, [good], 0.1)
+    if not zero_grad_first:
+        opt.zero_grad()
+    weights, state = copy.deepcopy(model.state_dict()), _state_snapshot(opt)
+    if zero_grad_first:
+        opt.zero_grad()
+    scaler.scale(_loss(model, bad)).backward()
+    model[-1].weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**7
+    _assert_same_state(model.state_dict(), weights)
+    _assert_same_state(opt.state_dict(), state)
+    if not zero_grad_first:
+        opt.zero_grad()
+    _scaled_train(model, opt, scaler, [later])
+    _reference_train(ref, ref_opt, [later], 0.1)
+    _assert_params(model, ref)
+
+
+def test_grad_scaler_unscale_precondition_clip_equals_unscaled() -> None:
+    """The AMP clipping recipe: unscale_, precondition_, clip, scaler.step == unscaled recipe."""
+    batches = _batches("conv", 3)
+    model, unscaled = _conv_net(), _conv_net()
+    opt, plain_opt = (
+        TrActOptimizer(_sgd(model), model[0]),
+        TrActOptimizer(_sgd(unscaled), unscaled[0]),
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for batch in batches:
+        opt.zero_grad()
+        scaler.scale(_loss(model, batch)).backward()
+        scaler.unscale_(opt)
+        opt.precondition_()
+        norm = nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        scaler.step(opt)
+        scaler.update()
+
+        plain_opt.zero_grad()
+        _loss(unscaled, batch).backward()
+        plain_opt.precondition_()
+        assert torch.equal(norm, nn.utils.clip_grad_norm_(unscaled.parameters(), 0.1))
+        plain_opt.step()
+    _assert_params(model, unscaled, exact=True)
+
+
+def test_closure_runs_with_grad_then_preconditions() -> None:
+    """step(closure) under no_grad still gets gradients, returns the loss, then preconditions."""
+    batches = _batches("conv", 3)
+    model, opt, ref, ref_opt = _pair("conv", _adam)
+    for batch in batches:
+
+        def closure(batch: Batch = batch) -> float:
+            opt.zero_grad()
+            loss = _loss(model, batch)
+            loss.backward()
+            return loss.item()
+
+        with torch.no_grad():
+            loss = opt.step(closure)
+        expected = _loss(ref, batch).item()
+        _reference_train(ref, ref_opt, [batch], 0.1)
+        assert loss == pytest.approx(expected, rel=1e-4)
+    _assert_params(model, ref)
+
+
+# --- clipping and precondition_ ------------------------------------------------------------------
+
+
+def test_clipping_sees_tract_gradient_and_step_does_not_redo_it() -> None:
+    """precondition_ → clip → step equals the reference clipped on the TrAct gradient."""
+    batches = _batches("conv", 3)
+    model, opt, ref, ref_opt = _pair("conv", _sgd)
+    for batch in batches:
+        opt.zero_grad()
+        _loss(model, batch).backward()
+        raw = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        opt.precondition_()
+        first = model[0].weight.grad.clone()
+        opt.precondition_()
+        assert torch.equal(model[0].weight.grad, first)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+
+        ref_opt.zero_grad()
+        _loss(ref, batch).backward()
+        _apply_reference(ref[0], batch[0], 0.1)
+        torch.testing.assert_close(first, ref[0].weight.grad, atol=ATOL, rtol=RTOL)
+        ref_norm = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
+        torch.testing.assert_close(norm, ref_norm, atol=0, rtol=1e-5)
+        assert not torch.isclose(norm, raw, rtol=1e-2)
+        nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        ref_opt.step()
+    _assert_params(model, ref)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def _save(model: nn.Module, opt: Optimizer) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("make_opt", [_adam, _sgd])
+def test_state_dict_resume_equals_uninterrupted(make_opt: Callable[[nn.Module], Optimizer]) -> None:
+    """N steps, save, load into fresh objects, M steps == N+M steps; λ comes back."""
+    batches = _batches("conv", 5)
+    straight = _conv_net()
+    _train(straight, TrActOptimizer(make_opt(straight), straight[0], 0.2), batches)
+
+    first = _conv_net()
+    first_opt = TrActOptimizer(make_opt(first), first[0], 0.2)
+    _train(first, first_opt, batches[:3])
+    blob = _save(first, first_opt)
+
+    resumed = _conv_net(seed=7)
+    resumed_opt = TrActOptimizer(make_opt(resumed), resumed[0], 0.5)
+    saved = torch.load(io.BytesIO(blob), weights_only=True)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    assert resumed_opt.lams == (0.2,)
+    _train(resumed, resumed_opt, batches[3:])
+    _assert_params(resumed, straight, exact=True)
+
+
+def test_loads_a_plain_inner_state_dict() -> None:
+    """Switching a plain Adam run to TrAct mid-training keeps its moments (and λ)."""
+    first, later = _batches("conv", 2), _batches("conv", 2, seed=5)
+    plain = _conv_net()
+    plain_opt = _adam(plain)
+    _train(plain, plain_opt, first)
+    saved = copy.deepcopy({"model": plain.state_dict(), "opt": plain_opt.state_dict()})
+    model, opt, ref, ref_opt = _pair("conv", _adam, lam=0.2)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    ref.load_state_dict(saved["model"])
+    ref_opt.load_state_dict(copy.deepcopy(saved["opt"]))
+    assert opt.lams == (0.2,)
+    _train(model, opt, later)
+    _reference_train(ref, ref_opt, later, 0.2)
+    _assert_params(model, ref)
+
+
+def test_load_state_dict_rejects_wrong_structure_and_changes_nothing() -> None:
+    """Wrong optimizer count or λ count: ValueError that says what is wrong; state untouched."""
+    model = _conv_net()
+    opt = TrActOptimizer(_adam(model), model[0], 0.3)
+    _train(model, opt, _batches("conv", 1))
+    before = _state_snapshot(opt)
+
+    two = _conv_net()
+    multi = TrActOptimizer([_adam(two[0]), _adam(two[-1])], two[0])
+    with pytest.raises(ValueError, match="several optimizers"):
+        opt.load_state_dict(multi.state_dict())
+    with pytest.raises(ValueError, match="'optimizers' with 2 entries"):
+        multi.load_state_dict(opt.state_dict())
+    bad_lams = copy.deepcopy(opt.state_dict())
+    bad_lams["tract"]["lam"] = [0.1, 0.2]
+    with pytest.raises(ValueError, match="λ for 2 first layers"):
+        opt.load_state_dict(bad_lams)
+    _assert_same_state(opt.state_dict(), before)
+    assert opt.lams == (0.3,)
+
+
+def test_multi_optimizer_load_is_all_or_nothing() -> None:
+    """A mismatch in the second inner optimizer leaves the first one unloaded too."""
+
+    def make(model: nn.Sequential, rest: list[Tensor]) -> TrActOptimizer:
+        first = SGD(model[0].parameters(), lr=0.05, momentum=0.9)
+        return TrActOptimizer([first, Adam(rest, lr=1e-2)], model[0])
+
+    source, target = _conv_net(), _conv_net()
+    source_opt = make(source, list(source[-1].parameters()))
+    target_opt = make(target, [target[-1].weight])
+    for model, opt in ((source, source_opt), (target, target_opt)):
+        _train(model, opt, _batches("conv", 1))
+    saved = source_opt.state_dict()
+    saved["optimizers"][0]["param_groups"][0]["lr"] = 0.5
+    before = _state_snapshot(target_opt)
+    with pytest.raises(ValueError, match=r"\['optimizers'\]\[1\] has param groups of sizes \[2\]"):
+        target_opt.load_state_dict(saved)
+    _assert_same_state(target_opt.state_dict(), before)
+
+
+# --- accumulation and the order of calls -------------------------------------------------------
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    kind=st.sampled_from(["conv", "linear"]),
+    micro=st.integers(1, 5),
+    k=st.integers(1, 4),
+)
+def test_accumulation_equals_big_batch(kind: str, micro: int, k: int) -> None:
+    """k micro-batches with loss/k each, then one step == one step on the concatenated batch."""
+    parts = _batches(kind, k, micro)
+    big = (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))
+    model, opt, ref, ref_opt = _pair(kind, _adam)
+    opt.zero_grad()
+    for part in parts:
+        (_loss(model, part) / k).backward()
+    opt.step()
+    _reference_train(ref, ref_opt, [big], 0.1)
+    _assert_params(model, ref)
+
+
+def test_zero_grad_between_forward_and_backward() -> None:
+    """forward; zero_grad; backward; step equals the usual order."""
+    batches = _batches("conv", 3)
+    model, usual = _conv_net(), _conv_net()
+    opt = TrActOptimizer(_adam(model), model[0])
+    for batch in batches:
+        loss = _loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _train(usual, TrActOptimizer(_adam(usual), usual[0]), batches)
+    _assert_params(model, usual, exact=True)
+
+
+def test_unbackpropagated_passes_do_not_count() -> None:
+    """Eval, no_grad and discarded train-mode passes, before and after the real forward."""
+    batches, noise = _batches("conv", 3), _batches("conv", 3, seed=9)
+    model, clean = _conv_net(), _conv_net()
+    opt = TrActOptimizer(_adam(model), model[0])
+
+    def distract() -> None:
+        model.eval()
+        model(noise[0][0])
+        model.train()
+        with torch.no_grad():
+            model(noise[1][0])
+        model(noise[2][0])
+
+    for batch in batches:
+        opt.zero_grad()
+        distract()
+        loss = _loss(model, batch)
+        distract()
+        loss.backward()
+        distract()
+        opt.step()
+    _train(clean, TrActOptimizer(_adam(clean), clean[0]), batches)
+    _assert_params(model, clean, exact=True)
+
+
+def test_frozen_then_unfrozen_first_layer() -> None:
+    """While frozen nothing happens to the first layer; after unfreezing TrAct resumes."""
+    batches = _batches("conv", 4)
+    model, opt, ref, ref_opt = _pair("conv", _adam)
+    for m in (model, ref):
+        m[0].requires_grad_(False)
+    _train(model, opt, batches[:2])
+    _train(ref, ref_opt, batches[:2])
+    for m in (model, ref):
+        m[0].requires_grad_(True)
+    _train(model, opt, batches[2:])
+    _reference_train(ref, ref_opt, batches[2:], 0.1)
+    _assert_params(model, ref)
+
+
+# --- mixed configurations ------------------------------------------------------------------------
+
+
+def test_sgd_first_layer_adam_rest() -> None:
+    """[SGD(first, momentum 0.9), Adam(rest)] + StepLR equals the hand-written loop."""
+    batches = _batches("conv", 4)
+
+    def make(model: nn.Sequential) -> list[Optimizer]:
+        return [
+            SGD(model[0].parameters(), lr=0.05, momentum=0.9),
+            Adam(model[-1].parameters(), lr=1e-2),
+        ]
+
+    model, ref = _conv_net(), _conv_net()
+    opt = TrActOptimizer(make(model), model[0])
+    ref_opts = make(ref)
+    inner_groups = [g for o in opt.optimizers for g in o.param_groups]
+    assert all(a is b for a, b in zip(opt.param_groups, inner_groups, strict=True))
+    sched = StepLR(opt, step_size=2, gamma=0.5)
+    ref_scheds = [StepLR(o, step_size=2, gamma=0.5) for o in ref_opts]
+    for batch in batches:
+        _train(model, opt, [batch])
+        for o in ref_opts:
+            o.zero_grad()
+        _loss(ref, batch).backward()
+        _apply_reference(ref[0], batch[0], 0.1)
+        for o, ref_sched in zip(ref_opts, ref_scheds, strict=True):
+            o.step()
+            ref_sched.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.05 / 4, 1e-2 / 4]
+    _assert_params(model, ref)
+    assert model[0].weight in opt.state and "momentum_buffer" in opt.state[model[0].weight]
+    assert "exp_avg" in opt.state[model[-1].weight]
+    # Reading a parameter's state went to its own optimizer, so both still save.
+    assert model[-1].weight not in opt.optimizers[0].state
+    assert len(opt.state_dict()["optimizers"][0]["state"]) == 2
+
+
+class _TwoInputs(nn.Module):
+    """An image branch (Conv2d first layer) and a vector branch (Linear first layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.dense = nn.Linear(6, 4)
+        self.head = nn.Linear(2 * 3 * 3 + 4, 3)
+
+    def forward(self, image: Tensor, vector: Tensor) -> Tensor:
+        a = torch.relu(self.conv(image)).flatten(1)
+        b = torch.tanh(self.dense(vector))
+        return self.head(torch.cat([a, b], 1))  # type: ignore[no-any-return]
+
+
+def _two_input_batches(count: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(count):
+        yield (
+            torch.randn(5, 3, 5, 5, generator=gen),
+            torch.randn(5, 6, generator=gen),
+            torch.randint(0, 3, (5,), generator=gen),
+        )
+
+
+def test_several_first_layers_with_own_lam_and_set_lam() -> None:
+    """Two first layers, λ per layer, changed between steps by index, module and for all."""
+    lam_steps = [(0.05, 0.3), (0.05, 0.7), (0.2, 0.7), (0.4, 0.4)]
+    model, ref = _TwoInputs(), _TwoInputs()
+    opt = TrActOptimizer(_adam(model), [model.conv, model.dense], lam=[0.05, 0.3])
+    ref_opt = _adam(ref)
+    for i, (image, vector, y) in enumerate(_two_input_batches(len(lam_steps))):
+        if i == 1:
+            opt.set_lam(0.7, layer=1)
+        elif i == 2:
+            opt.set_lam(0.2, layer=model.conv)
+        elif i == 3:
+            opt.set_lam(0.4)
+        assert opt.lams == lam_steps[i]
+        opt.zero_grad()
+        F.cross_entropy(model(image, vector), y).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        F.cross_entropy(ref(image, vector), y).backward()
+        _apply_reference(ref.conv, image, lam_steps[i][0])
+        _apply_reference(ref.dense, vector, lam_steps[i][1])
+        ref_opt.step()
+        _assert_params(model, ref)
+
+
+def test_set_lam_changes_the_update_as_the_closed_form_predicts() -> None:
+    """Gradient after set_lam(λ2) is the closed form at λ2, not at the λ the optimizer started."""
+    (batch,) = _batches("linear", 1, 8)
+    model = _linear_net()
+    opt = TrActOptimizer(_sgd(model), model[0], lam=0.1)
+    opt.set_lam(2.5)
+    opt.zero_grad()
+    _loss(model, batch).backward()
+    raw = model[0].weight.grad.clone()
+    opt.precondition_()
+    expected = _reference_grad(model[0], batch[0], raw, 2.5)
+    torch.testing.assert_close(model[0].weight.grad, expected, atol=ATOL, rtol=RTOL)
+    assert not torch.allclose(expected, _reference_grad(model[0], batch[0], raw, 0.1), rtol=0.1)
+
+
+def test_two_param_groups_in_one_adam() -> None:
+    """Per-group lr and weight decay are honoured for the preconditioned first layer."""
+    batches = _batches("conv", 4)
+
+    def make(model: nn.Module) -> Optimizer:
+        return Adam(
+            [
+                {"params": model[0].parameters(), "lr": 3e-2, "weight_decay": 0.1},
+                {"params": model[-1].parameters()},
+            ],
+            lr=1e-3,
+        )
+
+    model, opt, ref, ref_opt = _pair("conv", make)
+    _train(model, opt, batches)
+    _reference_train(ref, ref_opt, batches, 0.1)
+    _assert_params(model, ref)
+
+
+# --- lifetime, hooks, no-op steps ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_with", [True, False])
+def test_after_remove_trains_like_plain_inner(use_with: bool) -> None:
+    """After remove() or leaving ``with``, updates equal the plain inner optimizer's exactly."""
+    batches = _batches("conv", 5)
+    model = _conv_net()
+    inner = _adam(model)
+    opt = TrActOptimizer(inner, model[0])
+    if use_with:
+        with opt as entered:
+            assert entered is opt
+            _train(model, opt, batches[:2])
+    else:
+        _train(model, opt, batches[:2])
+        opt.remove()
+    assert not model[0]._forward_hooks
+    assert "hooks removed" in repr(opt)
+    twin = copy.deepcopy(model)
+    twin_opt = _adam(twin)
+    twin_opt.load_state_dict(copy.deepcopy(inner.state_dict()))
+    _train(model, opt, batches[2:])
+    _train(twin, twin_opt, batches[2:])
+    _assert_params(model, twin, exact=True)
+
+
+def test_step_and_state_dict_hooks_fire() -> None:
+    """Hooks registered on the wrapper fire once per call with the wrapper as argument."""
+    model = _conv_net()
+    opt = TrActOptimizer(_adam(model), model[0])
+    calls: list[str] = []
+    raw_at_pre: list[Tensor] = []
+
+    def pre(o: Optimizer, args: Any, kwargs: Any) -> None:
+        assert o is opt
+        raw_at_pre.append(model[0].weight.grad.clone())
+        calls.append("pre")
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("sd_post"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load_pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    (batch,) = _batches("conv", 1)
+    opt.zero_grad()
+    _loss(model, batch).backward()
+    raw = model[0].weight.grad.clone()
+    opt.step()
+    assert torch.equal(raw_at_pre[0], raw)
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["pre", "post", "sd_pre", "sd_post", "load_pre", "load_post"]
+
+
+def test_repr_is_readable() -> None:
+    model = _conv_net()
+    text = repr(TrActOptimizer(_adam(model), model[0], 0.2))
+    assert text.startswith("TrActOptimizer(layers=[Conv2d(n=27, groups=1, lam=0.2)]")
+    assert "Adam (" in text and "lr: 0.01" in text
+
+
+def test_step_without_gradient_or_statistics_is_a_noop() -> None:
+    """A bare step (e.g. a checkpoint loader's) changes no weight and creates no state."""
+    model = _conv_net()
+    weights = copy.deepcopy(model.state_dict())
+    opt = TrActOptimizer(_adam(model), model[0])
+    opt.step()
+    opt.zero_grad()
+    opt.step()
+    _assert_same_state(model.state_dict(), weights)
+    assert len(opt.state) == 0
