@@ -1,0 +1,159 @@
+"""Shared test helpers: an independent unfold and a random-convolution drawer, as fixtures.
+
+They are session-scoped fixtures (not importable helpers) so that hypothesis tests can use them
+and the tests directory needs no package layout.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+ReferenceRows = Callable[[nn.Module, Tensor], Tensor]
+DrawConv = Callable[..., tuple[Conv, Tensor]]
+
+_CONVS: dict[int, type[Conv]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_FNS: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _one_hot_conv_rows(conv: Conv, x: Tensor) -> Tensor:
+    """Rows (groups, r, n) in float64 by convolving with one-hot weights.
+
+    Padding follows ``torch.nn.modules.conv._ConvNd._conv_forward``: explicit ``F.pad`` with the
+    layer's own padding amounts for non-zero padding modes, the convolution's padding otherwise.
+    Each one-hot filter picks one (channel, kernel offset) entry of every patch, so output channel
+    ``k`` at each position is entry ``k`` of that position's row.
+    """
+    dims = len(conv.kernel_size)
+    xb = x.double() if x.dim() == dims + 2 else x.double().unsqueeze(0)
+    padding: Any = conv.padding
+    if conv.padding_mode != "zeros":
+        xb = F.pad(xb, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    per_group = conv.in_channels // conv.groups
+    n = per_group * math.prod(conv.kernel_size)
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, per_group, *conv.kernel_size)
+    parts = []
+    for g in range(conv.groups):
+        channels = xb[:, g * per_group : (g + 1) * per_group]
+        with warnings.catch_warnings():  # 'same' with an even kernel: a padded copy, fine here
+            warnings.simplefilter("ignore", UserWarning)
+            out = _CONV_FNS[dims](
+                channels, eye, stride=conv.stride, padding=padding, dilation=conv.dilation
+            )
+        parts.append(out.movedim(1, -1).reshape(-1, n))
+    return torch.stack(parts)
+
+
+def reference_rows_impl(layer: nn.Module, x: Tensor) -> Tensor:
+    """Independent rows (groups, r, n) of a Linear or Conv layer's input, in float64."""
+    if isinstance(layer, nn.Linear):
+        return x.double().reshape(1, -1, layer.in_features)
+    assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    return _one_hot_conv_rows(layer, x)
+
+
+@pytest.fixture(scope="session")
+def reference_rows() -> ReferenceRows:
+    """The independent unfold ``(layer, x) -> rows (groups, r, n)`` in float64."""
+    return reference_rows_impl
+
+
+def _draw_geometry(data: st.DataObject, dims: int) -> dict[str, Any]:
+    """Kernel, stride, dilation and padding of a random convolution (valid torch arguments)."""
+    kind = data.draw(st.sampled_from(["int", "tuple", "same", "valid", "patch"]), label="padding")
+    sizes = st.lists(st.integers(1, 3), min_size=dims, max_size=dims)
+    kernel = data.draw(sizes, label="kernel")
+    if kind == "patch":
+        kernel = [k + 1 for k in kernel]
+        return {"kernel_size": tuple(kernel), "stride": tuple(kernel), "padding": 0}
+    stride = [1] * dims if kind == "same" else data.draw(sizes, label="stride")
+    dilation = data.draw(st.lists(st.integers(1, 2), min_size=dims, max_size=dims))
+    padding: Any = kind
+    if kind == "int":
+        padding = data.draw(st.integers(0, 2), label="int padding")
+    elif kind == "tuple":
+        padding = tuple(data.draw(st.lists(st.integers(0, 2), min_size=dims, max_size=dims)))
+    return {
+        "kernel_size": tuple(kernel),
+        "stride": tuple(stride),
+        "dilation": tuple(dilation),
+        "padding": padding,
+    }
+
+
+def _spatial_sizes(data: st.DataObject, conv: Conv) -> list[int]:
+    """Input sizes with at least one output position and legal reflect/circular padding."""
+    pads = conv._reversed_padding_repeated_twice
+    dims = len(conv.kernel_size)
+    out = []
+    for i in range(dims):
+        left, right = pads[2 * (dims - 1 - i)], pads[2 * (dims - 1 - i) + 1]
+        span = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+        low = max(1, span - left - right, max(left, right) + 1)
+        # Up to kernel + 2 more, so that sizes not divisible by the stride come up.
+        out.append(low + data.draw(st.integers(0, conv.kernel_size[i] + 2), label="extra size"))
+    return out
+
+
+def _layout(data: st.DataObject, shape: list[int], dtype: torch.dtype) -> Tensor:
+    """A random input of ``shape``: contiguous, channels_last, strided or permuted."""
+    layouts = ["contiguous", "strided", "permuted"]
+    if len(shape) in (4, 5):
+        layouts.append("channels_last")
+    layout = data.draw(st.sampled_from(layouts), label="layout")
+    if layout == "strided":
+        return torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype)[..., ::2]
+    if layout == "permuted":
+        return torch.randn(*reversed(shape), dtype=dtype).permute(*reversed(range(len(shape))))
+    x = torch.randn(*shape, dtype=dtype)
+    if layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        return x.contiguous(memory_format=fmt)
+    return x
+
+
+def draw_conv_impl(
+    data: st.DataObject,
+    dims: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_batch: int = 3,
+) -> tuple[Conv, Tensor]:
+    """A random Conv1d/2d/3d and an input for it, covering every argument the layer accepts.
+
+    Seeds torch's global generator from the draw, so a failing example replays exactly.
+    """
+    torch.manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    if dims is None:
+        dims = data.draw(st.integers(1, 3), label="dims")
+    groups = data.draw(st.integers(1, 3), label="groups")
+    conv = _CONVS[dims](
+        groups * data.draw(st.integers(1, 2), label="in per group"),
+        groups * data.draw(st.integers(1, 3), label="out per group"),
+        groups=groups,
+        bias=data.draw(st.booleans(), label="bias"),
+        padding_mode=data.draw(st.sampled_from(PADDING_MODES), label="padding_mode"),
+        dtype=dtype,
+        **_draw_geometry(data, dims),
+    )
+    batch = data.draw(st.integers(0, max_batch), label="batch (0: unbatched)")
+    shape = [conv.in_channels, *_spatial_sizes(data, conv)]
+    if batch:
+        shape.insert(0, batch)
+    return conv, _layout(data, shape, dtype)
+
+
+@pytest.fixture(scope="session")
+def draw_conv() -> DrawConv:
+    """``draw_conv(data, dims=None, dtype=float32, max_batch=3) -> (conv, x)``."""
+    return draw_conv_impl

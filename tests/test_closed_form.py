@@ -1,0 +1,272 @@
+"""End to end: TrActOptimizer's weight gradient equals the paper's Eq. 10, computed here.
+
+Reference: ∇W·(XᵀX/r + λI)⁻¹ per group, with X from the one-hot-convolution unfold (the
+``reference_rows`` fixture), r its row count, float64 and ``torch.linalg.solve``. The unfold itself
+is cross-checked on the way: the autograd weight gradient must equal ∇Zᵀ·X.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from tract_optim import TrActOptimizer
+
+ReferenceRows = Callable[[nn.Module, Tensor], Tensor]
+DrawConv = Callable[..., tuple[nn.Module, Tensor]]
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+#: The statistics are fp32 whatever the model's dtype, so the library is exact only up to fp32
+#: rounding of the inputs, amplified by the condition number of M = XᵀX/r + λI. The worst ratio
+#: error / (2⁻²⁴·cond(M)) measured over 8,000 random fp32 and fp64 cases was about 11.
+ERROR_PER_COND = 64 * 2.0**-24
+DTYPES = st.sampled_from([torch.float32, torch.float64])
+LAMS = st.sampled_from([0.05, 0.1, 0.2, 1.0])
+
+
+@dataclass
+class Pass:
+    """What one forward/backward through layer + head produced."""
+
+    grad: Tensor  # the autograd weight gradient, (out_features, n)
+    out_grad: Tensor  # ∇Z as rows (r, out_features)
+
+
+def output_rows(layer: nn.Module, z: Tensor, x: Tensor) -> Tensor:
+    """A layer output (or its gradient) as rows (r, out_features), positions row-major."""
+    if isinstance(layer, nn.Linear):
+        return z.reshape(-1, layer.out_features)
+    if x.dim() == len(layer.kernel_size) + 1:  # unbatched
+        z = z.unsqueeze(0)
+    return z.movedim(1, -1).reshape(-1, z.shape[1])
+
+
+def forward_backward(layer: nn.Module, x: Tensor, seed: int) -> Pass:
+    """layer → tanh → linear head → cross-entropy on random labels; backward."""
+    gen = torch.Generator().manual_seed(seed)
+    z = layer(x)
+    z.retain_grad()
+    features = torch.tanh(z).reshape(z.shape[0] if z.dim() > 1 else 1, -1)
+    batch = features.shape[0]
+    head = torch.randn(features.shape[1], 3, generator=gen, dtype=features.dtype)
+    labels = torch.randint(0, 3, (batch,), generator=gen)
+    F.cross_entropy(features @ head, labels).backward()
+    assert z.grad is not None and layer.weight.grad is not None
+    grad = layer.weight.grad.detach().clone().reshape(layer.weight.shape[0], -1)
+    return Pass(grad=grad, out_grad=output_rows(layer, z.grad.detach(), x))
+
+
+@dataclass
+class Reference:
+    """Eq. 10 in float64 and the largest condition number of the matrices it inverted."""
+
+    value: Tensor
+    cond: float
+
+
+def eq10(grad: Tensor, rows: Tensor, lam: float) -> Reference:
+    """The paper's Eq. 10 per group: G·(XᵀX/r + λI)⁻¹ in float64, rows (groups, r, n)."""
+    groups, r, n = rows.shape
+    grad = grad.double().reshape(groups, -1, n)
+    matrix = rows.transpose(1, 2) @ rows / r + lam * torch.eye(n, dtype=torch.float64)
+    solved = torch.linalg.solve(matrix, grad.transpose(1, 2)).transpose(1, 2)
+    eigs = torch.linalg.eigvalsh(matrix)
+    cond = (eigs[:, -1] / eigs[:, 0]).max().item()
+    return Reference(value=solved.reshape(-1, n), cond=cond)
+
+
+def check_unfold_consistent(grad: Tensor, out_grad: Tensor, rows: Tensor) -> None:
+    """Cross-check of the reference rows: ∇W = ∇Zᵀ·X, group by group."""
+    groups = rows.shape[0]
+    dz = out_grad.double().reshape(out_grad.shape[0], groups, -1).transpose(0, 1)
+    expected = (dz.transpose(1, 2) @ rows).reshape(grad.shape)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def relative_error(got: Tensor, expected: Tensor) -> float:
+    """max |got − expected| / max |expected| (0 when both vanish)."""
+    scale = expected.abs().max().item()
+    diff = (got.double() - expected).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_eq10(got: Tensor, ref: Reference) -> None:
+    """``got`` is Eq. 10 up to fp32 statistics: relative error ≤ ERROR_PER_COND · cond(M)."""
+    error = relative_error(got, ref.value)
+    assert error <= ERROR_PER_COND * ref.cond, f"relative error {error:.3g}, cond {ref.cond:.3g}"
+
+
+def tract_vs_eq10(
+    layer: nn.Module,
+    x: Tensor,
+    lam: float,
+    reference_rows: ReferenceRows,
+    solve_dtype: torch.dtype,
+    seed: int = 0,
+) -> tuple[Tensor, Reference]:
+    """(library TrAct gradient, Eq. 10 reference) for one pass through ``layer``."""
+    opt = TrActOptimizer(
+        torch.optim.SGD(layer.parameters(), lr=0.1), layer, lam, solve_dtype=solve_dtype
+    )
+    result = forward_backward(layer, x, seed)
+    rows = reference_rows(layer, x)
+    check_unfold_consistent(result.grad, result.out_grad, rows)
+    opt.precondition_()
+    got = layer.weight.grad.reshape(result.grad.shape)
+    opt.remove()
+    return got, eq10(result.grad, rows, lam)
+
+
+@SETTINGS
+@given(
+    leading=st.lists(st.integers(1, 5), min_size=0, max_size=3),
+    n=st.integers(1, 12),
+    m=st.integers(1, 4),
+    bias=st.booleans(),
+    lam=LAMS,
+    dtype=DTYPES,
+    seed=st.integers(0, 2**16),
+)
+def test_linear_matches_eq10(
+    leading: list[int],
+    n: int,
+    m: int,
+    bias: bool,
+    lam: float,
+    dtype: torch.dtype,
+    seed: int,
+    reference_rows: ReferenceRows,
+) -> None:
+    """A Linear on inputs of rank 1–4 (all leading dims are rows); r < n and r ≥ n both drawn."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(n, m, bias=bias, dtype=dtype)
+    x = torch.randn(*leading, n, dtype=dtype)
+    assert_eq10(*tract_vs_eq10(layer, x, lam, reference_rows, dtype))
+
+
+@SETTINGS
+@given(data=st.data(), lam=LAMS, dtype=DTYPES)
+def test_conv_matches_eq10(
+    data: st.DataObject,
+    lam: float,
+    dtype: torch.dtype,
+    draw_conv: DrawConv,
+    reference_rows: ReferenceRows,
+) -> None:
+    """Conv1d/2d/3d over strides, paddings, dilations, groups, padding modes and layouts."""
+    layer, x = draw_conv(data, dtype=dtype)
+    assert_eq10(*tract_vs_eq10(layer, x, lam, reference_rows, dtype))
+
+
+# (layer, input shape); the first of each pair has r < n (Woodbury), the second r ≥ n (direct).
+PATH_CASES = [
+    (lambda: nn.Linear(48, 16), (2, 3, 48)),
+    (lambda: nn.Linear(48, 16), (4, 16, 48)),
+    (lambda: nn.Conv2d(3, 8, 7, stride=4, padding=3, padding_mode="reflect"), (1, 3, 9, 9)),
+    (lambda: nn.Conv2d(3, 8, 7, stride=2, padding=3, padding_mode="reflect"), (4, 3, 16, 16)),
+    (lambda: nn.Conv2d(4, 6, 4, stride=4, groups=2), (2, 4, 9, 10)),
+    (lambda: nn.Conv2d(4, 6, 4, stride=4, groups=2), (8, 4, 18, 17)),
+    (
+        lambda: nn.Conv3d(2, 4, 3, dilation=2, padding="same", padding_mode="circular"),
+        (1, 2, 2, 2, 3),
+    ),
+    (
+        lambda: nn.Conv3d(2, 4, 3, dilation=2, padding="same", padding_mode="circular"),
+        (2, 2, 4, 5, 3),
+    ),
+    (lambda: nn.Conv1d(6, 3, 5, groups=3, padding=2, padding_mode="replicate"), (1, 6, 4)),
+    (lambda: nn.Conv1d(6, 3, 5, groups=3, padding=2, padding_mode="replicate"), (3, 6, 20)),
+]
+
+
+@pytest.mark.parametrize(("make", "shape"), PATH_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_woodbury_and_direct_paths(
+    make: Callable[[], nn.Module],
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    reference_rows: ReferenceRows,
+) -> None:
+    """Both solve paths (the library picks Woodbury when r < n) on stems and patch embeddings."""
+    torch.manual_seed(0)
+    layer = make().to(dtype)
+    x = torch.randn(*shape, dtype=dtype)
+    assert_eq10(*tract_vs_eq10(layer, x, 0.1, reference_rows, dtype))
+
+
+def test_path_cases_cover_both_paths(reference_rows: ReferenceRows) -> None:
+    """PATH_CASES alternate r < n and r ≥ n, so both solve paths really are exercised."""
+    for i, (make, shape) in enumerate(PATH_CASES):
+        _, r, n = reference_rows(make(), torch.zeros(shape)).shape
+        assert (r < n) == (i % 2 == 0), (i, r, n)
+
+
+@pytest.mark.parametrize("batches", [(1, 1), (1, 3), (2, 5), (6, 6)])
+def test_accumulated_passes_use_all_rows(
+    batches: tuple[int, int], reference_rows: ReferenceRows
+) -> None:
+    """Two forward/backward passes before one step: Eq. 10 over the rows of both passes.
+
+    With n = 27 and 16 rows per image this covers rows+rows < n, rows+rows ≥ n (the switch to a
+    Gram on merging) and Gram+Gram.
+    """
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 5, 3, stride=2).double()
+    opt = TrActOptimizer(
+        torch.optim.SGD(layer.parameters(), lr=0.1), layer, 0.1, solve_dtype=torch.float64
+    )
+    inputs = [torch.randn(b, 3, 9, 9, dtype=torch.float64) for b in batches]
+    for seed, x in enumerate(inputs):
+        forward_backward(layer, x, seed)
+    grad = layer.weight.grad.detach().clone().reshape(5, -1)
+    opt.precondition_()
+    rows = torch.cat([reference_rows(layer, x) for x in inputs], dim=1)
+    assert_eq10(layer.weight.grad.reshape(5, -1), eq10(grad, rows, 0.1))
+
+
+@pytest.mark.parametrize("solve_dtype", [torch.float32, torch.float64])
+def test_sgd_step_moves_weight_by_tract_gradient_only(
+    solve_dtype: torch.dtype, reference_rows: ReferenceRows
+) -> None:
+    """Plain SGD: W moves by −η·(Eq. 10), bias and the head by −η·(their plain gradient)."""
+    torch.manual_seed(0)
+    lr = 0.3
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, 3))
+    first = model[0]
+    opt = TrActOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr), first, 0.1, solve_dtype=solve_dtype
+    )
+    x = torch.randn(5, 3, 8, 8)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0, 1])).backward()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    opt.step()
+    after = {name: p.detach() for name, p in model.named_parameters()}
+    expected = eq10(grads["0.weight"].reshape(4, -1), reference_rows(first, x), 0.1)
+    # The step is exactly −η times the gradient left in .grad, and that gradient is Eq. 10.
+    preconditioned = first.weight.grad
+    torch.testing.assert_close(after["0.weight"], before["0.weight"] - lr * preconditioned)
+    assert_eq10(preconditioned.reshape(4, -1), expected)
+    assert_eq10((after["0.weight"] - before["0.weight"]).reshape(4, -1) / -lr, expected)
+    for name in ("0.bias", "3.weight", "3.bias"):
+        torch.testing.assert_close(after[name], before[name] - lr * grads[name])
+
+
+def test_overflowing_input_raises_before_touching_gradients() -> None:
+    """Inputs whose Gram overflows fp32 raise FloatingPointError and leave .grad as it was."""
+    layer = nn.Linear(4, 2)
+    opt = TrActOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1), layer)
+    x = torch.full((8, 4), 1e20)
+    (layer(x) * 1e-20).sum().backward()
+    grad = layer.weight.grad.clone()
+    with pytest.raises(FloatingPointError, match="inf or NaN"):
+        opt.precondition_()
+    assert torch.equal(layer.weight.grad, grad)

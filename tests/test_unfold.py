@@ -1,0 +1,239 @@
+"""``tract_optim.unfold`` against independent unfolds.
+
+Two references: a one-hot-weight convolution (the ``reference_rows`` fixture), which must give
+the same rows entry for entry, and BackPACK's check that the rows times the flattened weight
+(plus bias) rebuild the layer's own output, which involves no padding arithmetic at all.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from tract_optim import unfold
+
+ReferenceRows = Callable[[nn.Module, Tensor], Tensor]
+DrawConv = Callable[..., tuple[nn.Module, Tensor]]
+
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def rebuilt_output(layer: nn.Module, rows: Tensor) -> Tensor:
+    """Output rows (r, out_features) computed as rows @ (weight of the row's group)ᵀ + bias."""
+    geo = unfold.geometry(layer)
+    weight = layer.weight.detach().double().reshape(geo.groups, geo.out_per_group, geo.n)
+    out = rows.double() @ weight.transpose(1, 2)  # (groups, r, out_per_group)
+    out = out.transpose(0, 1).reshape(rows.shape[1], geo.out_features)
+    if layer.bias is not None:
+        out = out + layer.bias.detach().double()
+    return out
+
+
+def layer_output_rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """The layer's own float64 output as rows (r, out_features), positions in row-major order."""
+    with torch.no_grad():
+        z = copy.deepcopy(layer).double()(x.double())
+    if isinstance(layer, nn.Linear):
+        return z.reshape(-1, layer.out_features)
+    if z.dim() == x.dim() and x.dim() == len(layer.kernel_size) + 1:  # unbatched
+        z = z.unsqueeze(0)
+    return z.movedim(1, -1).reshape(-1, z.shape[1])
+
+
+def assert_gram_close(got: Tensor, rows: Tensor) -> None:
+    """``got`` is the fp32 Gram of ``rows`` (groups, r, n): within fp32 dot-product error.
+
+    The classic bound |fl(aᵀb) − aᵀb| ≤ r·u·|a|ᵀ|b| (u = 2⁻²⁴) holds entry by entry for any
+    summation order of fp32 products; accumulating in bf16/fp16 would break it by far.
+    """
+    assert got.dtype == torch.float32
+    rows = rows.double()
+    exact = rows.transpose(1, 2) @ rows
+    bound = rows.shape[1] * 2.0**-24 * (rows.abs().transpose(1, 2) @ rows.abs())
+    assert got.shape == exact.shape
+    excess = (got.double() - exact).abs() - bound
+    assert excess.max().item() <= 0.0, f"exceeds the fp32 bound by {excess.max().item():.3g}"
+
+
+def check_rows(layer: nn.Module, x: Tensor, reference_rows: ReferenceRows) -> None:
+    """rows, row_count and geometry agree with the one-hot unfold and rebuild the output."""
+    got = unfold.rows(layer, x)
+    ref = reference_rows(layer, x)
+    geo = unfold.geometry(layer)
+    assert got.dtype == x.dtype
+    assert got.shape == ref.shape == (geo.groups, ref.shape[1], geo.n)
+    assert unfold.row_count(layer, x) == ref.shape[1]
+    assert geo.out_features == layer.weight.shape[0]
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=0)
+    torch.testing.assert_close(rebuilt_output(layer, got), layer_output_rows(layer, x))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_conv_rows_match_independent_unfolds(
+    data: st.DataObject, draw_conv: DrawConv, reference_rows: ReferenceRows
+) -> None:
+    """Every stride/padding/dilation/groups/padding_mode/layout/batching gives the exact rows."""
+    layer, x = draw_conv(data)
+    check_rows(layer, x, reference_rows)
+
+
+CORNER_CASES = {
+    "same-even-kernel-zeros": (lambda: nn.Conv2d(2, 3, (2, 4), padding="same"), (2, 2, 5, 6)),
+    "same-even-kernel-reflect": (
+        lambda: nn.Conv1d(2, 2, 4, padding="same", padding_mode="reflect"),
+        (3, 2, 7),
+    ),
+    "same-dilated-circular": (
+        lambda: nn.Conv2d(2, 2, 2, padding="same", dilation=3, padding_mode="circular"),
+        (1, 2, 6, 5),
+    ),
+    "stride-not-dividing": (lambda: nn.Conv2d(3, 4, 3, stride=(2, 3), padding=1), (2, 3, 10, 11)),
+    "grouped-3d-replicate": (
+        lambda: nn.Conv3d(4, 6, (1, 2, 3), groups=2, padding=(0, 1, 2), padding_mode="replicate"),
+        (2, 4, 3, 4, 5),
+    ),
+    "depthwise-unbatched": (lambda: nn.Conv2d(3, 6, 3, groups=3, dilation=2), (3, 9, 8)),
+    "resnet-stem": (lambda: nn.Conv2d(3, 4, 7, stride=2, padding=3, bias=False), (1, 3, 15, 16)),
+}
+
+
+@pytest.mark.parametrize("case", CORNER_CASES)
+def test_conv_corner_cases(case: str, reference_rows: ReferenceRows) -> None:
+    """Asymmetric 'same' padding and other cases hypothesis may draw only rarely."""
+    make, shape = CORNER_CASES[case]
+    torch.manual_seed(0)
+    layer, x = make(), torch.randn(*shape)
+    check_rows(layer, x, reference_rows)
+    assert_gram_close(unfold.gram(layer, x, chunk_bytes=1), reference_rows(layer, x))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "size"),
+    [((4, 4), (10, 13)), ((16, 16), (33, 40)), ((3, 5), (9, 11)), ((2, 2), (2, 3))],
+)
+def test_patch_embedding_with_remainder(
+    kernel: tuple[int, int], size: tuple[int, int], reference_rows: ReferenceRows
+) -> None:
+    """stride == kernel on sizes with a remainder: the remainder is ignored, as by the conv."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 5, kernel, stride=kernel)
+    x = torch.randn(2, 3, *size)
+    check_rows(layer, x, reference_rows)
+    check_rows(layer, x.contiguous(memory_format=torch.channels_last), reference_rows)
+
+
+@SETTINGS
+@given(
+    leading=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    n=st.integers(1, 6),
+    m=st.integers(1, 4),
+    bias=st.booleans(),
+    permuted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_rows(
+    leading: list[int],
+    n: int,
+    m: int,
+    bias: bool,
+    permuted: bool,
+    seed: int,
+    reference_rows: ReferenceRows,
+) -> None:
+    """A Linear on inputs of rank 1–4: rows are the inputs with leading dimensions flattened."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(n, m, bias=bias)
+    shape = [*leading, n]
+    if permuted:  # a non-contiguous view with the same shape
+        x = torch.randn(*reversed(shape)).permute(*reversed(range(len(shape))))
+    else:
+        x = torch.randn(*shape)
+    check_rows(layer, x, reference_rows)
+
+
+@SETTINGS
+@given(data=st.data(), chunk_bytes=st.sampled_from([1, 40, 300, 5000, unfold.DEFAULT_CHUNK_BYTES]))
+def test_conv_gram_is_rows_gram(
+    data: st.DataObject, chunk_bytes: int, draw_conv: DrawConv, reference_rows: ReferenceRows
+) -> None:
+    """gram() equals xᵀx of the independent rows for any chunking (1 byte: one image a chunk)."""
+    layer, x = draw_conv(data)
+    assert_gram_close(unfold.gram(layer, x, chunk_bytes=chunk_bytes), reference_rows(layer, x))
+
+
+@SETTINGS
+@given(
+    leading=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    n=st.integers(1, 6),
+    chunk_bytes=st.sampled_from([1, 16, 100, unfold.DEFAULT_CHUNK_BYTES]),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_gram_is_rows_gram(
+    leading: list[int], n: int, chunk_bytes: int, seed: int, reference_rows: ReferenceRows
+) -> None:
+    """Linear gram() equals xᵀx over all flattened leading dimensions, for any chunking."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(n, 3)
+    x = torch.randn(*leading, n)
+    assert_gram_close(unfold.gram(layer, x, chunk_bytes=chunk_bytes), reference_rows(layer, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_bytes", [1, unfold.DEFAULT_CHUNK_BYTES])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Linear(24, 4),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode="reflect"),
+        nn.Conv1d(3, 3, 5, padding="same", dilation=2),
+    ],
+    ids=["linear", "conv2d", "conv1d"],
+)
+def test_gram_of_low_precision_input_accumulates_in_fp32(
+    layer: nn.Module, chunk_bytes: int, dtype: torch.dtype, reference_rows: ReferenceRows
+) -> None:
+    """bf16/fp16 inputs: the Gram is fp32 and within the fp32 bound for the exact rows.
+
+    With a few thousand rows the bound (r·2⁻²⁴ ≈ 2e-4 relative to |X|ᵀ|X|) is far below one
+    bf16/fp16 rounding (≥ 5e-4), so products or sums in the input's dtype would fail it.
+    """
+    shape: dict[type[nn.Module], tuple[int, ...]] = {
+        nn.Linear: (64, 50, 24),
+        nn.Conv2d: (8, 4, 20, 20),
+        nn.Conv1d: (16, 3, 200),
+    }
+    torch.manual_seed(0)
+    x = torch.randn(*shape[type(layer)]).to(dtype)
+    assert_gram_close(unfold.gram(layer, x, chunk_bytes=chunk_bytes), reference_rows(layer, x))
+
+
+def test_gram_under_autocast_is_fp32(reference_rows: ReferenceRows) -> None:
+    """Under CPU autocast the Gram is still accumulated in fp32 from the fp32 input."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, stride=2)
+    x = torch.randn(4, 3, 17, 17)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = unfold.gram(layer, x)
+    assert_gram_close(got, reference_rows(layer, x))
+
+
+def test_unsupported_layer_raises() -> None:
+    """Only Linear and Conv1d/2d/3d are first layers; anything else is a clear TypeError."""
+    module = nn.Bilinear(2, 2, 2)
+    with pytest.raises(TypeError, match="unsupported first layer Bilinear"):
+        unfold.geometry(module)
+    with pytest.raises(TypeError, match=r"supported: nn\.Linear"):
+        unfold.rows(module, torch.randn(2, 2))
+
+
+def test_geometry_of_grouped_conv() -> None:
+    """n = in_channels/groups · prod(kernel); one Gram per group."""
+    geo = unfold.geometry(nn.Conv3d(6, 9, (2, 3, 4), groups=3))
+    assert (geo.groups, geo.n, geo.out_features, geo.out_per_group) == (3, 2 * 24, 9, 3)
