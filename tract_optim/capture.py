@@ -7,14 +7,19 @@ until backward reaches its output; only then does it count towards the next step
 gradient accumulation, ``zero_grad`` between forward and backward, activation checkpointing
 (whose recomputed passes are never backpropagated themselves) and forward passes without a
 backward all come out right.
+
+Inside ``torch.compile`` the hook takes a second, traceable form, so that Dynamo compiles it
+without a graph break: the Gram is computed in the graph and a tensor hook on the output adds it
+to fixed accumulators once backward reaches the output (``record_compiled``).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +66,10 @@ class _ForwardHook:
         capture = self._capture()
         if capture is None or module is not self._layer():
             return
-        capture.record(args[0], output)
+        if torch.compiler.is_compiling():
+            capture.record_compiled(args[0], output)
+        else:
+            capture.record(args[0], output)
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies (deepcopy, pickle) are inert: they belong to another model. The state must be
@@ -83,6 +91,13 @@ class LayerCapture:
         self._keys = itertools.count()
         self._pending: dict[int, Stats] = {}
         self._consumed: Stats | None = None
+        # Backpropagated passes recorded inside torch.compile (see ``record_compiled``): one
+        # Gram's worth of memory, allocated up front since Dynamo must find them at tracing.
+        geo = self.geometry
+        device = self.weight.device
+        self._compiled_gram = torch.zeros(geo.groups, geo.n, geo.n, device=device)
+        self._compiled_count = torch.zeros(1, dtype=torch.float64, device=device)
+        self._compiled_recorded = False
         self._handle: RemovableHandle | None = layer.register_forward_hook(_ForwardHook(self))
 
     @property
@@ -92,7 +107,7 @@ class LayerCapture:
     @property
     def recorded_any(self) -> bool:
         """Whether any forward pass was recorded since the last reset, backpropagated or not."""
-        return self._consumed is not None or bool(self._pending)
+        return self._consumed is not None or bool(self._pending) or self._compiled_recorded
 
     def remove(self) -> None:
         """Take the hook off the layer and drop all statistics."""
@@ -105,29 +120,51 @@ class LayerCapture:
         """Drop everything recorded so far (after a step)."""
         self._pending.clear()
         self._consumed = None
+        self._clear_compiled()
+        self._compiled_recorded = False
 
     def reset_consumed(self) -> None:
         """Drop statistics whose gradients were just cleared (``zero_grad``); keep pending ones."""
         self._consumed = None
+        self._clear_compiled()
+
+    def _clear_compiled(self) -> None:
+        """Zero the accumulators of compiled passes (untouched unless a compiled pass ran)."""
+        if self._compiled_recorded:
+            self._compiled_gram.zero_()
+            self._compiled_count.zero_()
 
     def take(self) -> Stats | None:
         """The statistics of all backpropagated passes since the last reset."""
+        if self._compiled_recorded:
+            count = round(float(self._compiled_count.item()))
+            if count > 0:
+                stats = Stats(count=count, gram=self._compiled_gram.clone())
+                self._clear_compiled()
+                consumed = self._consumed
+                self._consumed = (
+                    stats if consumed is None else consumed.merge(stats, self.geometry.n)
+                )
         return self._consumed
 
     def set_consumed(self, stats: Stats | None) -> None:
         """Replace the backpropagated statistics (used after synchronising across ranks)."""
         self._consumed = stats
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]
-    def record(self, x: Tensor, output: Any) -> None:
-        """Reduce one forward pass's input to statistics and wait for its backward."""
-        if not (
+    def _trained(self, output: Any) -> TypeGuard[Tensor]:
+        """Whether a forward pass with this output will be trained."""
+        return (
             torch.is_grad_enabled()
             and self.layer.training
             and self.weight.requires_grad
             and isinstance(output, Tensor)
             and output.requires_grad
-        ):
+        )
+
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def record(self, x: Tensor, output: Any) -> None:
+        """Reduce one forward pass's input to statistics and wait for its backward."""
+        if not self._trained(output):
             return
         x = x.detach()
         count = unfold.row_count(self.layer, x)
@@ -143,6 +180,23 @@ class LayerCapture:
         self._pending[key] = stats
         output.register_hook(_ConsumeHook(self, key))  # type: ignore[no-untyped-call]
 
+    def record_compiled(self, x: Tensor, output: Any) -> None:
+        """``record`` in a form Dynamo traces: the Gram in the graph, no Python bookkeeping.
+
+        Passes whose backward arrives after the step count towards the next step (the eager
+        form drops them); no training loop backpropagates a pass across a step.
+        """
+        if not self._trained(output):
+            return
+        x = x.detach()
+        count = unfold.row_count(self.layer, x)
+        if count == 0:
+            return
+        gram = unfold.gram(self.layer, x, self.chunk_bytes)
+        self._compiled_recorded = True
+        add = functools.partial(_add_gram, self._compiled_gram, self._compiled_count, gram, count)
+        output.register_hook(add)  # type: ignore[no-untyped-call]
+
     def consume(self, key: int) -> None:
         """Backward reached the output of pass ``key``: its statistics now count."""
         stats = self._pending.pop(key, None)
@@ -152,6 +206,12 @@ class LayerCapture:
             self._consumed = stats
         else:
             self._consumed = self._consumed.merge(stats, self.geometry.n)
+
+
+def _add_gram(total: Tensor, total_count: Tensor, gram: Tensor, count: int, grad: Tensor) -> None:
+    """Tensor hook of a pass recorded inside torch.compile: backward reached it, so it counts."""
+    total.add_(gram.to(total.device))
+    total_count.add_(count)
 
 
 class _ConsumeHook:

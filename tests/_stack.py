@@ -1,0 +1,117 @@
+"""Helpers for the training-stack tests: a multi-process runner and an fp64 TrAct reference.
+
+``run_workers`` starts N processes joined by a gloo process group on 127.0.0.1 and returns what
+each rank's function returned. It never hangs: a rank that fails stops the others at once, and the
+whole run is killed after ``timeout`` seconds. ``precondition_reference`` is TrAct written out
+naively (float64, ``torch.linalg.solve``), sharing no code with the library.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+
+Worker = Callable[[int, int], Any]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _entry(fn: Worker, rank: int, world: int, port: int, out: str, timeout: float) -> None:
+    """One rank: join the group, run ``fn``, save its result (or its traceback) under ``out``."""
+    torch.set_num_threads(1)
+    path = Path(out)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        try:
+            result = fn(rank, world)
+        finally:
+            dist.destroy_process_group()
+        torch.save(result, path / f"rank{rank}.pt")
+    except BaseException:
+        (path / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise SystemExit(1) from None
+
+
+def run_workers(fn: Worker, world: int = 2, timeout: float = 120.0) -> list[Any]:
+    """``[fn(rank, world) for rank in range(world)]``, each in its own gloo process.
+
+    ``fn`` must be importable (a module-level function). Raises ``RuntimeError`` with the failing
+    ranks' tracebacks, or ``TimeoutError`` after ``timeout`` seconds; no process outlives the call.
+    """
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out:
+        port = free_port()
+        procs = [
+            ctx.Process(target=_entry, args=(fn, rank, world, port, out, timeout), daemon=True)
+            for rank in range(world)
+        ]
+        for proc in procs:
+            proc.start()
+        try:
+            _wait(procs, timeout)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join()
+        errors = sorted(Path(out).glob("rank*.err"))
+        if errors or any(proc.exitcode != 0 for proc in procs):
+            details = "\n".join(f"{e.stem}:\n{e.read_text()}" for e in errors)
+            codes = [proc.exitcode for proc in procs]
+            raise RuntimeError(f"worker processes failed (exit codes {codes})\n{details}")
+        return [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
+
+
+def _wait(procs: list[Any], timeout: float) -> None:
+    """Return once every process ended or one failed; raise ``TimeoutError`` past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while any(proc.is_alive() for proc in procs):
+        if any(proc.exitcode not in (None, 0) for proc in procs):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker processes still running after {timeout} s; killed")
+        time.sleep(0.05)
+
+
+def precondition_reference(rows: Tensor, grad: Tensor, lam: float) -> Tensor:
+    """TrAct's G·(XᵀX/r + λI)⁻¹ in float64, one group of output channels at a time.
+
+    ``rows``: (groups, r, n) unfolded inputs; ``grad``: the weight gradient (out, ...).
+    Returns float64 of ``grad``'s shape.
+    """
+    groups, count, n = rows.shape
+    x = rows.double()
+    flat = grad.double().reshape(groups, -1, n)
+    eye = torch.eye(n, dtype=torch.float64)
+    matrix = x.transpose(1, 2) @ x / count + lam * eye
+    # G M⁻¹ = (M⁻¹ Gᵀ)ᵀ as M is symmetric.
+    out = torch.linalg.solve(matrix, flat.transpose(1, 2)).transpose(1, 2)
+    return out.reshape(grad.shape)
+
+
+def max_abs_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    """Largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
