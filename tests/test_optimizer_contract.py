@@ -294,6 +294,24 @@ def test_grad_scaler_skips_inf_step_without_stale_statistics(zero_grad_first: bo
     _assert_params(model, ref)
 
 
+def test_model_zero_grad_after_skipped_step_drops_stale_statistics() -> None:
+    """model.zero_grad() (not opt.zero_grad()) after a skipped step: no stale statistics leak."""
+    good, bad, later = _batches("conv", 3)
+    model, opt, ref, ref_opt = _pair("conv", _adam)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    _scaled_train(model, opt, scaler, [good])
+    _reference_train(ref, ref_opt, [good], 0.1)
+    for batch, poison in ((bad, True), (later, False)):
+        model.zero_grad()
+        scaler.scale(_loss(model, batch)).backward()
+        if poison:
+            model[-1].weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+    _reference_train(ref, ref_opt, [later], 0.1)
+    _assert_params(model, ref)
+
+
 def test_grad_scaler_unscale_precondition_clip_equals_unscaled() -> None:
     """The AMP clipping recipe: unscale_, precondition_, clip, scaler.step == unscaled recipe."""
     batches = _batches("conv", 3)

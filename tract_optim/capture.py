@@ -166,6 +166,10 @@ class LayerCapture:
         """Reduce one forward pass's input to statistics and wait for its backward."""
         if not self._trained(output):
             return
+        if self._consumed is not None and self.weight.grad is None and not _is_dtensor(self.weight):
+            # The gradients those statistics belong to were cleared without opt.zero_grad()
+            # (e.g. model.zero_grad() after a step that GradScaler skipped): drop them too.
+            self._consumed = None
         x = x.detach()
         count = unfold.row_count(self.layer, x)
         if count == 0:
@@ -212,6 +216,13 @@ def _add_gram(total: Tensor, total_count: Tensor, gram: Tensor, count: int, grad
     """Tensor hook of a pass recorded inside torch.compile: backward reached it, so it counts."""
     total.add_(gram.to(total.device))
     total_count.add_(count)
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    """FSDP2 parameters: their ``.grad`` stays None between unsynchronised micro-batches."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 class _ConsumeHook:
