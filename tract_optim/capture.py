@@ -166,7 +166,7 @@ class LayerCapture:
         """Reduce one forward pass's input to statistics and wait for its backward."""
         if not self._trained(output):
             return
-        if self._consumed is not None and self.weight.grad is None and not _is_dtensor(self.weight):
+        if self._consumed is not None and self.weight.grad is None and _clearable(self.weight):
             # The gradients those statistics belong to were cleared without opt.zero_grad()
             # (e.g. model.zero_grad() after a step that GradScaler skipped): drop them too.
             self._consumed = None
@@ -218,11 +218,17 @@ def _add_gram(total: Tensor, total_count: Tensor, gram: Tensor, count: int, grad
     total_count.add_(count)
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
-    """FSDP2 parameters: their ``.grad`` stays None between unsynchronised micro-batches."""
+def _clearable(weight: Tensor) -> bool:
+    """Whether ``weight.grad is None`` now means its gradients were cleared since backward.
+
+    Not inside backward (activation checkpointing recomputes the forward there, before the
+    weight's gradient is accumulated), and not for FSDP2's DTensor parameters, whose ``.grad``
+    stays None between unsynchronised micro-batches.
+    """
     from torch.distributed.tensor import DTensor
 
-    return isinstance(tensor, DTensor)
+    in_backward = getattr(torch._C, "_current_graph_task_id", lambda: 0)() != -1
+    return not in_backward and not isinstance(weight, DTensor)
 
 
 class _ConsumeHook:
