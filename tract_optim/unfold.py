@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import gram as _gram
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -151,7 +154,11 @@ def row_count(layer: nn.Module, x: Tensor) -> int:
 
 
 def gram(layer: nn.Module, x: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
-    """xᵀx per group, shape (groups, n, n), fp32, unfolding at most ~``chunk_bytes`` at a time."""
+    """xᵀx per group, shape (groups, n, n), fp32, materialising at most ~``chunk_bytes`` at a time.
+
+    Overlapping Conv2d windows go through ``gram.conv2d_gram``, which never unfolds the input;
+    other layers unfold chunk by chunk and skip the lower triangle (``gram.add_upper_``).
+    """
     geo = geometry(layer)
     out = torch.zeros(geo.groups, geo.n, geo.n, dtype=torch.float32, device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -159,13 +166,39 @@ def gram(layer: nn.Module, x: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) ->
             flat = x.reshape(-1, geo.n)
             step = max(1, chunk_bytes // (4 * geo.n))
             for start in range(0, flat.shape[0], step):
-                part = flat[start : start + step].float()
-                out[0].addmm_(part.T, part)
-            return out
+                _gram.add_upper_(out, flat[None, start : start + step].float())
+            return _gram.mirror_upper(out)
         xb = batched_input(layer, x)
+        if _uses_conv2d_kernel(layer):
+            _conv2d_gram_into(out, layer, xb, chunk_bytes)
+            return out
         per_image = max(1, row_count(layer, xb[:1])) * geo.n * geo.groups * 4
         step = max(1, chunk_bytes // per_image)
         for start in range(0, xb.shape[0], step):
-            part = rows(layer, xb[start : start + step].float())
-            out.baddbmm_(part.transpose(1, 2), part)
-    return out
+            _gram.add_upper_(out, rows(layer, xb[start : start + step].float()))
+    return _gram.mirror_upper(out)
+
+
+def _uses_conv2d_kernel(layer: nn.Module) -> TypeGuard[nn.Conv2d]:
+    """Overlapping 2-D windows without dilation: ``gram.conv2d_gram`` avoids the unfold."""
+    return (
+        isinstance(layer, nn.Conv2d)
+        and tuple(layer.dilation) == (1, 1)
+        and not _is_patch_embedding(layer)
+    )
+
+
+def _conv2d_gram_into(out: Tensor, conv: nn.Conv2d, xb: Tensor, chunk_bytes: int) -> None:
+    """Add the Gram of every group of ``xb``'s rows to ``out``, a chunk of images at a time."""
+    kernel = (conv.kernel_size[0], conv.kernel_size[1])
+    stride = (conv.stride[0], conv.stride[1])
+    per_group = conv.in_channels // conv.groups
+    left, right, top, bottom = _padding_pairs(conv)
+    padded = (xb.shape[1], xb.shape[2] + top + bottom, xb.shape[3] + left + right)
+    per_image = _gram.conv2d_gram_bytes_per_image(padded, kernel, stride)
+    step = max(1, chunk_bytes // per_image)
+    for start in range(0, xb.shape[0], step):
+        xpad = _pad(conv, xb[start : start + step].float())
+        for g in range(conv.groups):
+            part = xpad[:, g * per_group : (g + 1) * per_group]
+            out[g] += _gram.conv2d_gram(part, kernel, stride)
