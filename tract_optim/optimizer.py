@@ -268,7 +268,7 @@ class TrActOptimizer(Optimizer):
             start = stop
         if not parts:
             return flat.clone()
-        return torch.cat(parts).to(grad.dtype)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(grad.dtype)
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Run ``closure`` (with grad enabled), precondition, then step the inner optimizer(s)."""

@@ -51,9 +51,8 @@ def _cholesky(matrix: Tensor, what: str) -> Tensor:
 
 def factor_direct(gram: Tensor, count: int, lam: float, dtype: torch.dtype, what: str) -> Factor:
     """Factor A/r + λI for Grams ``gram`` (groups, n, n) accumulated over ``count`` rows."""
-    n = gram.shape[-1]
-    eye = torch.eye(n, dtype=dtype, device=gram.device)
-    matrix = gram.to(dtype) / count + lam * eye
+    matrix = gram.to(dtype, copy=True).div_(count)
+    matrix.diagonal(dim1=-2, dim2=-1).add_(lam)
     return Factor(chol=_cholesky(matrix, what), lam=lam, count=count)
 
 
@@ -61,8 +60,8 @@ def factor_woodbury(rows: Tensor, lam: float, dtype: torch.dtype, what: str) -> 
     """Factor XXᵀ/r + λI on the r×r side for rows ``rows`` (groups, r, n); cheaper when r < n."""
     x = rows.to(dtype)
     count = x.shape[1]
-    eye = torch.eye(count, dtype=dtype, device=x.device)
-    matrix = x @ x.transpose(1, 2) / count + lam * eye
+    matrix = (x @ x.transpose(1, 2)).div_(count)
+    matrix.diagonal(dim1=-2, dim2=-1).add_(lam)
     return Factor(chol=_cholesky(matrix, what), lam=lam, count=count, rows=x)
 
 
@@ -77,7 +76,8 @@ def apply(factor: Factor, grad: Tensor, group: int) -> Tensor:
     if factor.rows is None:
         # G M⁻¹ = (M⁻¹ Gᵀ)ᵀ since M is symmetric.
         return torch.cholesky_solve(g.T, chol).T
-    # Woodbury: G (XᵀX/r + λI)⁻¹ = (G − (G Xᵀ)(XXᵀ/r + λI)⁻¹ X / r) / λ.
+    # Woodbury: G (XᵀX/r + λI)⁻¹ = G/λ − ((XXᵀ/r + λI)⁻¹ X Gᵀ)ᵀ X / (λr), one fused addmm.
     x = factor.rows[group]
-    inner = torch.cholesky_solve((g @ x.T).T, chol).T
-    return (g - inner @ x / factor.count) / factor.lam
+    inner = torch.cholesky_solve(x @ g.T, chol)
+    lam, count = factor.lam, factor.count
+    return torch.addmm(g, inner.T, x, beta=1 / lam, alpha=-1 / (lam * count))
