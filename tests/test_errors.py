@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _compare import assert_same
 from torch import Tensor, nn
 from torch.optim import SGD, Adam, Optimizer
 
@@ -60,22 +61,6 @@ def _snapshot(model: nn.Module, opt: Optimizer) -> dict[str, Any]:
     return copy.deepcopy(
         {"weights": model.state_dict(), "opt": opt.state_dict(), "hooks": _hook_count(model)}
     )
-
-
-def _assert_same(a: Any, b: Any) -> None:
-    """Deep equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, Tensor):
-        assert isinstance(b, Tensor) and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys()
-        for key in a:
-            _assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _assert_same(x, y)
-    else:
-        assert a == b
 
 
 # --- constructor ---------------------------------------------------------------------------------
@@ -175,7 +160,7 @@ def test_constructor_rejects_bad_input(build: Build, error: type[Exception], mes
     before = _snapshot(model, opt)
     with pytest.raises(error, match=message):
         build(model, opt)
-    _assert_same(_snapshot(model, opt), before)
+    assert_same(_snapshot(model, opt), before)
 
 
 def test_nesting_is_rejected_without_new_hooks() -> None:
@@ -184,7 +169,7 @@ def test_nesting_is_rejected_without_new_hooks() -> None:
     before = _snapshot(model, tract)
     with pytest.raises(TypeError, match=r"optimizer\[0\] is already a TrActOptimizer; wrap the"):
         TrActOptimizer(tract, model[0])
-    _assert_same(_snapshot(model, tract), before)
+    assert_same(_snapshot(model, tract), before)
     assert _hook_count(model) == 1
 
 
@@ -222,7 +207,7 @@ def test_load_state_dict_rejects_bad_lam(lam: object, error: type[Exception]) ->
     before = _snapshot(other, other_opt)
     with pytest.raises(error, match=r"state_dict\['tract'\]\['lam'\]\[0\]"):
         other_opt.load_state_dict(saved)
-    _assert_same(_snapshot(other, other_opt), before)
+    assert_same(_snapshot(other, other_opt), before)
     assert other_opt.lams == (0.3,)
 
 
@@ -291,7 +276,7 @@ def test_gradient_without_statistics_raises_and_changes_nothing(
     bad_pass(model, _conv_batch(2))
     with pytest.raises(RuntimeError, match=FIRST + r" has a gradient, but .*" + cause):
         opt.step()
-    _assert_same(_snapshot(model, opt), before)
+    assert_same(_snapshot(model, opt), before)
     # The failed step leaves nothing behind: the next clean step equals the twin's.
     _train_step(model, opt, _conv_batch(3))
     _train_step(twin, twin_opt, _conv_batch(3))
@@ -307,7 +292,7 @@ def test_zero_gradient_without_statistics_is_allowed() -> None:
     before = copy.deepcopy(model[0].state_dict())
     _frozen(model, _conv_batch())
     opt.step()
-    _assert_same(model[0].state_dict(), before)
+    assert_same(model[0].state_dict(), before)
 
 
 # --- non-finite statistics -----------------------------------------------------------------------
@@ -328,4 +313,4 @@ def test_non_finite_statistics_raise_and_change_nothing(kind: str, bad: float) -
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(FloatingPointError, match=r"first_layer\[0\] .*inf or NaN.*standardise"):
         opt.step()
-    _assert_same(_snapshot(model, opt), before)
+    assert_same(_snapshot(model, opt), before)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _compare import assert_same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -118,22 +119,6 @@ def _assert_params(a: nn.Module, b: nn.Module, *, exact: bool = False) -> None:
 
 def _state_snapshot(opt: Optimizer) -> dict[str, Any]:
     return copy.deepcopy(opt.state_dict())
-
-
-def _assert_same_state(a: Any, b: Any) -> None:
-    """Deep equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, Tensor):
-        assert isinstance(b, Tensor) and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys()
-        for key in a:
-            _assert_same_state(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _assert_same_state(x, y)
-    else:
-        assert a == b
 
 
 def _pair(
@@ -285,8 +270,8 @@ def test_grad_scaler_skips_inf_step_without_stale_statistics(zero_grad_first: bo
     scaler.step(opt)
     scaler.update()
     assert scaler.get_scale() == 2.0**7
-    _assert_same_state(model.state_dict(), weights)
-    _assert_same_state(opt.state_dict(), state)
+    assert_same(model.state_dict(), weights)
+    assert_same(opt.state_dict(), state)
     if not zero_grad_first:
         opt.zero_grad()
     _scaled_train(model, opt, scaler, [later])
@@ -454,7 +439,7 @@ def test_load_state_dict_rejects_wrong_structure_and_changes_nothing() -> None:
     bad_lams["tract"]["lam"] = [0.1, 0.2]
     with pytest.raises(ValueError, match="λ for 2 first layers"):
         opt.load_state_dict(bad_lams)
-    _assert_same_state(opt.state_dict(), before)
+    assert_same(opt.state_dict(), before)
     assert opt.lams == (0.3,)
 
 
@@ -475,7 +460,7 @@ def test_multi_optimizer_load_is_all_or_nothing() -> None:
     before = _state_snapshot(target_opt)
     with pytest.raises(ValueError, match=r"\['optimizers'\]\[1\] has param groups of sizes \[2\]"):
         target_opt.load_state_dict(saved)
-    _assert_same_state(target_opt.state_dict(), before)
+    assert_same(target_opt.state_dict(), before)
 
 
 # --- accumulation and the order of calls -------------------------------------------------------
@@ -749,5 +734,5 @@ def test_step_without_gradient_or_statistics_is_a_noop() -> None:
     opt.step()
     opt.zero_grad()
     opt.step()
-    _assert_same_state(model.state_dict(), weights)
+    assert_same(model.state_dict(), weights)
     assert len(opt.state) == 0
