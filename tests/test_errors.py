@@ -5,6 +5,7 @@ layer and the remedy, and nothing changed (weights, inner optimizer state, hooks
 from __future__ import annotations
 
 import copy
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -314,3 +315,12 @@ def test_non_finite_statistics_raise_and_change_nothing(kind: str, bad: float) -
     with pytest.raises(FloatingPointError, match=r"first_layer\[0\] .*inf or NaN.*standardise"):
         opt.step()
     assert_same(_snapshot(model, opt), before)
+
+
+def test_pickling_or_copying_the_optimizer_says_to_use_state_dict() -> None:
+    """A copy would hold hooks on modules it does not own; the error points to state_dict."""
+    layer = nn.Linear(4, 3)
+    opt = TrActOptimizer(SGD(layer.parameters(), lr=0.1), layer)
+    for copy_fn in (copy.deepcopy, lambda o: pickle.dumps(o)):
+        with pytest.raises(TypeError, match="state_dict"):
+            copy_fn(opt)

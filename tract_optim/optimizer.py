@@ -346,6 +346,12 @@ class TrActOptimizer(Optimizer):
         for capture in self._captures:
             capture.remove()
 
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(
+            "TrActOptimizer holds hooks on live modules and cannot be pickled or copied; "
+            "save opt.state_dict() and load it into a new TrActOptimizer instead"
+        )
+
     def __enter__(self) -> TrActOptimizer:
         return self
 
