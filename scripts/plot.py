@@ -184,11 +184,23 @@ def plot_accuracy(results: list[dict[str, Any]], path: Path) -> None:
             ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
         ax.set_xscale("log", base=10 if by_lam else 2)
         ax.set_xticks(xs_all, [_fmt_x(x) for x in xs_all])
-        ax.set_xlabel("λ" if by_lam else "epochs")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(panel, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _style_panel(ax, "λ" if by_lam else "epochs", panel)
+    _save(fig, path)
+
+
+def _style_panel(ax: Any, xlabel: str, title: str) -> None:
+    """Labels, title, grid and legend shared by every accuracy panel."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write the figure as a PNG and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -213,14 +225,8 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
         for name, accs in curves.items():
             mean = [100 * statistics.fmean(col) for col in zip(*accs, strict=True)]
             ax.plot(range(1, len(mean) + 1), mean, label=name, **{**_style(name), "marker": ""})
-        ax.set_xlabel(f"epoch (budget {longest})")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(panel, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        _style_panel(ax, f"epoch (budget {longest})", panel)
+    _save(fig, path)
 
 
 def write_all(results_dir: Path, results: list[dict[str, Any]]) -> str:
