@@ -117,7 +117,7 @@ _CONSTRUCTOR_CASES: list[tuple[str, Build, type[Exception], str]] = [
         "solve_dtype_half",
         lambda m, o: TrActOptimizer(o, m[0], solve_dtype=torch.bfloat16),
         ValueError,
-        r"solve_dtype must be torch\.float32 or torch\.float64, got torch\.bfloat16",
+        r"solve_dtype must be None, torch\.float32 or torch\.float64, got torch\.bfloat16",
     ),
     (
         "solve_dtype_int",

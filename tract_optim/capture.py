@@ -1,75 +1,105 @@
-"""Forward hooks that reduce a first layer's inputs to TrAct statistics, and their accumulators.
+"""Hooks that turn a first layer's forward passes into the statistics of the gradient they train.
 
-A forward pass is recorded only when it will be trained: grad enabled, the module in training mode,
-its weight requiring grad, and the module being the very layer we were given (a ``deepcopy`` of the
-model, e.g. an EMA copy, carries an inert copy of the hook). Each recorded pass stays *pending*
-until backward reaches its output; only then does it count towards the next step. This makes
-gradient accumulation, ``zero_grad`` between forward and backward, activation checkpointing
-(whose recomputed passes are never backpropagated themselves) and forward passes without a
-backward all come out right.
+One recording path, eager and compiled alike:
 
-Inside ``torch.compile`` the hook takes a second, traceable form, so that Dynamo compiles it
-without a graph break: the Gram is computed in the graph and a tensor hook on the output adds it
-to fixed accumulators once backward reaches the output (``record_compiled``).
+1. The forward hook reduces the pass's input to statistics (a copy of its rows while r < n, else
+   its Gram), in fp32 (fp64 for fp64 inputs) with autocast off. Only passes that will be
+   trained are recorded: grad enabled, the module training, its weight requiring grad, the
+   module being the very layer we were given (a ``deepcopy`` of the model, e.g. an EMA copy,
+   carries an inert copy of the hook).
+2. The statistics ride on the autograd graph: a hook on the node that produced the output (a
+   tensor hook inside ``torch.compile``, which calls the same code through a custom op) folds them
+   into the layer's accumulator when backward reaches that node. A pass that is never
+   backpropagated is never counted, and its statistics are freed with its graph.
+3. Statistics belong to the gradient they were accumulated with. After each backward has
+   accumulated into ``weight.grad``, the gradient's identity and version are noted. When the next
+   backward reaches the layer, a gradient that was set to None, or changed in place and is now
+   all zeros (``zero_grad`` of any kind, after a step that GradScaler skipped say), means the
+   earlier statistics no longer belong to anything: they are dropped.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import threading
+import warnings
 import weakref
-from dataclasses import dataclass
-from typing import Any, TypeGuard
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from . import unfold
+from .statistics import Accumulator, Stats
+
+#: Live captures by key, for the custom op that folds statistics inside compiled backward graphs.
+_LIVE: dict[int, weakref.ref[LayerCapture]] = {}
+_KEYS = itertools.count()
+#: Which capture currently owns each layer's hooks.
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[LayerCapture]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-@dataclass
-class Stats:
-    """Statistics of some rows of one layer: their count and either the rows or their Gram.
+@torch.library.custom_op("tract_optim::fold", mutates_args=("anchor",))
+def _fold_op(key: int, stat: Tensor, is_rows: bool, count: int, anchor: Tensor) -> None:
+    """Fold a compiled pass's statistics into its layer's accumulator (runs as Python).
 
-    Rows (groups, r, n) are kept only while r < n, where they are smaller than the Gram and allow
-    the cheaper Woodbury solve; otherwise the Gram (groups, n, n) is kept. Both are fp32.
+    ``anchor`` is a one-element CPU tensor the op declares it mutates: that keeps the compiler
+    from dropping a call whose result nothing reads, and a CPU input keeps CUDA-graph trees from
+    capturing (and so skipping on replay) this Python side effect.
     """
+    ref = _LIVE.get(key)
+    capture = ref() if ref is not None else None
+    if capture is not None:
+        stats = Stats(count=count, rows=stat) if is_rows else Stats(count=count, gram=stat)
+        capture.fold(stats)
 
-    count: int
-    gram: Tensor | None = None
-    rows: Tensor | None = None
 
-    def to_gram(self) -> Tensor:
-        """The Gram of these rows, computing it from the rows when needed."""
-        if self.gram is not None:
-            return self.gram
-        assert self.rows is not None
-        return self.rows.transpose(1, 2) @ self.rows
+@_fold_op.register_fake
+def _fold_fake(key: int, stat: Tensor, is_rows: bool, count: int, anchor: Tensor) -> None:
+    return None
 
-    def merge(self, other: Stats, n: int) -> Stats:
-        """The statistics of both row sets together."""
-        count = self.count + other.count
-        if self.rows is not None and other.rows is not None and count < n:
-            return Stats(count=count, rows=torch.cat([self.rows, other.rows], dim=1))
-        return Stats(count=count, gram=self.to_gram() + other.to_gram())
+
+def _traced_fold(
+    key: int, stat: Tensor, is_rows: bool, count: int, anchor: Tensor, _: Tensor
+) -> None:
+    """The tensor hook of a compiled pass: call the fold through the custom op."""
+    torch.ops.tract_optim.fold(key, stat, is_rows, count, anchor)
+
+
+class _EagerFold:
+    """The node pre-hook of an eager pass: fold its statistics. Holds the capture weakly."""
+
+    def __init__(self, capture: LayerCapture, stats: Stats) -> None:
+        self._capture = weakref.ref(capture)
+        self._stats = stats
+
+    def __call__(self, grad_outputs: Any) -> None:
+        capture = self._capture()
+        if capture is not None:
+            capture.fold(self._stats)
 
 
 class _ForwardHook:
     """The module hook. Holds weak references only: inert in deep copies and after unpickling."""
 
     def __init__(self, capture: LayerCapture) -> None:
-        self._capture: Any = weakref.ref(capture)
-        self._layer: Any = weakref.ref(capture.layer)
+        self._capture: Callable[[], LayerCapture | None] = weakref.ref(capture)
+        self._layer: Callable[[], nn.Module | None] = weakref.ref(capture.layer)
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         capture = self._capture()
         if capture is None or module is not self._layer():
             return
-        if torch.compiler.is_compiling():
-            capture.record_compiled(args[0], output)
-        else:
-            capture.record(args[0], output)
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, Tensor):
+            capture.record(x, output)
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies (deepcopy, pickle) are inert: they belong to another model. The state must be
@@ -80,78 +110,92 @@ class _ForwardHook:
         self._capture = self._layer = lambda: None
 
 
-class LayerCapture:
-    """Hooks on one first layer plus the statistics recorded since the last step."""
+def _producer(output: Tensor) -> Any:
+    """The autograd node that computed ``output`` inside the layer.
 
-    def __init__(self, layer: nn.Module, chunk_bytes: int = unfold.DEFAULT_CHUNK_BYTES) -> None:
+    An in-place op on the output later (``x.add_(pos)``, ``ReLU(inplace=True)``) rebases the
+    output tensor onto a new node, but the producing node still runs in backward. For a view
+    output (a Linear with bias on N-D input), that is the node of the view's base.
+    """
+    base = output._base if output._is_view() else None
+    node = base.grad_fn if base is not None else output.grad_fn
+    return node
+
+
+class LayerCapture:
+    """The hooks on one first layer and the statistics of the gradient it currently has."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        chunk_bytes: int = unfold.DEFAULT_CHUNK_BYTES,
+        *,
+        static: bool = False,
+    ) -> None:
         self.layer = layer
         self.geometry = unfold.geometry(layer)
         self.chunk_bytes = chunk_bytes
         self.weight: Tensor = layer.weight  # type: ignore[assignment]
-        self._keys = itertools.count()
-        self._pending: dict[int, Stats] = {}
-        self._consumed: Stats | None = None
-        # Backpropagated passes recorded inside torch.compile (see ``record_compiled``): one
-        # Gram's worth of memory, allocated up front since Dynamo must find them at tracing.
-        geo = self.geometry
-        device = self.weight.device
-        self._compiled_gram = torch.zeros(geo.groups, geo.n, geo.n, device=device)
-        self._compiled_count = torch.zeros(1, dtype=torch.float64, device=device)
-        self._compiled_recorded = False
-        self._handle: RemovableHandle | None = layer.register_forward_hook(_ForwardHook(self))
+        self.static = static
+        self.accumulator = Accumulator(
+            self.geometry.groups, self.geometry.n, self.weight.device if static else None
+        )
+        self.superseded = False
+        # Whether an eager pass was recorded since the last reset (for error messages only).
+        self.recorded_eagerly = False
+        self._lock = threading.Lock()
+        # (gradient, version) right after the last backward accumulated into it.
+        self._owner: tuple[weakref.ref[Tensor], int] | None = None
+        # (gradient, folds so far) right after precondition_() wrote the TrAct gradient into it.
+        self._marker: tuple[weakref.ref[Tensor], int] | None = None
+        self._folds = 0
+        self._key = next(_KEYS)
+        self._anchor = torch.zeros(1)
+        _LIVE[self._key] = weakref.ref(self)
+        weakref.finalize(self, _LIVE.pop, self._key, None)
+        self._take_over(layer)
+        self._handles: list[RemovableHandle] = [
+            layer.register_forward_hook(_ForwardHook(self), with_kwargs=True),
+            self.weight.register_post_accumulate_grad_hook(_AccumulatedHook(self)),  # type: ignore[no-untyped-call]
+        ]
+
+    def _take_over(self, layer: nn.Module) -> None:
+        """Become the layer's only capture; a live earlier one is switched off, with a warning."""
+        previous_ref = _OWNERS.get(layer)
+        previous = previous_ref() if previous_ref is not None else None
+        if previous is not None and previous.active:
+            previous.remove()
+            previous.superseded = True
+            warnings.warn(
+                f"{type(layer).__name__} (weight {tuple(self.weight.shape)}) was already "
+                "preconditioned by another TrActOptimizer; the new one takes over its hooks and "
+                "the old one raises if stepped. Call old.remove() first to avoid this warning.",
+                stacklevel=4,
+            )
+        _OWNERS[layer] = weakref.ref(self)
 
     @property
     def active(self) -> bool:
-        return self._handle is not None
-
-    @property
-    def recorded_any(self) -> bool:
-        """Whether any forward pass was recorded since the last reset, backpropagated or not."""
-        return self._consumed is not None or bool(self._pending) or self._compiled_recorded
+        return bool(self._handles)
 
     def remove(self) -> None:
-        """Take the hook off the layer and drop all statistics."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Take the hooks off the layer and drop all statistics."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
         self.reset()
 
     def reset(self) -> None:
-        """Drop everything recorded so far (after a step)."""
-        self._pending.clear()
-        self._consumed = None
-        self._clear_compiled()
-        self._compiled_recorded = False
+        """Drop the statistics and the gradient they belonged to (after a step, at zero_grad)."""
+        with self._lock:
+            self.accumulator.clear()
+            self._owner = None
+            self._marker = None
+            self.recorded_eagerly = False
 
-    def reset_consumed(self) -> None:
-        """Drop statistics whose gradients were just cleared (``zero_grad``); keep pending ones."""
-        self._consumed = None
-        self._clear_compiled()
+    # --- recording ------------------------------------------------------------------------------
 
-    def _clear_compiled(self) -> None:
-        """Zero the accumulators of compiled passes (untouched unless a compiled pass ran)."""
-        if self._compiled_recorded:
-            self._compiled_gram.zero_()
-            self._compiled_count.zero_()
-
-    def take(self) -> Stats | None:
-        """The statistics of all backpropagated passes since the last reset."""
-        if self._compiled_recorded:
-            count = round(float(self._compiled_count.item()))
-            if count > 0:
-                stats = Stats(count=count, gram=self._compiled_gram.clone())
-                self._clear_compiled()
-                consumed = self._consumed
-                self._consumed = (
-                    stats if consumed is None else consumed.merge(stats, self.geometry.n)
-                )
-        return self._consumed
-
-    def set_consumed(self, stats: Stats | None) -> None:
-        """Replace the backpropagated statistics (used after synchronising across ranks)."""
-        self._consumed = stats
-
-    def _trained(self, output: Any) -> TypeGuard[Tensor]:
+    def _trained(self, output: Any) -> bool:
         """Whether a forward pass with this output will be trained."""
         return (
             torch.is_grad_enabled()
@@ -161,84 +205,108 @@ class LayerCapture:
             and output.requires_grad
         )
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def record(self, x: Tensor, output: Any) -> None:
-        """Reduce one forward pass's input to statistics and wait for its backward."""
+        """Reduce one forward pass's input to statistics and attach them to its backward."""
         if not self._trained(output):
             return
-        if self._consumed is not None and self.weight.grad is None and _clearable(self.weight):
-            # The gradients those statistics belong to were cleared without opt.zero_grad()
-            # (e.g. model.zero_grad() after a step that GradScaler skipped): drop them too.
-            self._consumed = None
+        assert isinstance(output, Tensor)
         x = x.detach()
         count = unfold.row_count(self.layer, x)
         if count == 0:
             return
-        if count < self.geometry.n:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        is_rows = count < self.geometry.n and not self.static
+        if is_rows:
             with torch.autocast(device_type=x.device.type, enabled=False):
-                rows = unfold.rows(self.layer, x).float().contiguous()
-            stats = Stats(count=count, rows=rows)
+                # A copy: statistics never alias the caller's (possibly reused) input buffer.
+                rows = unfold.rows(self.layer, x)
+                stat = rows.to(dtype, memory_format=torch.contiguous_format, copy=True)
         else:
-            stats = Stats(count=count, gram=unfold.gram(self.layer, x, self.chunk_bytes))
-        key = next(self._keys)
-        self._pending[key] = stats
-        output.register_hook(_ConsumeHook(self, key))  # type: ignore[no-untyped-call]
+            stat = unfold.gram(self.layer, x, self.chunk_bytes, dtype)
+        if torch.compiler.is_compiling():
+            hook = functools.partial(_traced_fold, self._key, stat, is_rows, count, self._anchor)
+            output.register_hook(hook)  # type: ignore[no-untyped-call]
+            return
+        self.recorded_eagerly = True
+        stats = Stats(count=count, rows=stat) if is_rows else Stats(count=count, gram=stat)
+        node = _producer(output)
+        if node is None:
+            output.register_hook(_EagerFold(self, stats))  # type: ignore[no-untyped-call]
+        else:
+            node.register_prehook(_EagerFold(self, stats))
 
-    def record_compiled(self, x: Tensor, output: Any) -> None:
-        """``record`` in a form Dynamo traces: the Gram in the graph, no Python bookkeeping.
+    def fold(self, stats: Stats) -> None:
+        """Backward reached a recorded pass: its statistics now belong to the weight's gradient."""
+        with self._lock:
+            self._check_owner()
+            self.accumulator.add(stats)
+            self._folds += 1
 
-        Passes whose backward arrives after the step count towards the next step (the eager
-        form drops them); no training loop backpropagates a pass across a step.
+    def _check_owner(self) -> None:
+        """Drop statistics whose gradient was cleared since the last backward accumulated into it.
+
+        Runs when backward reaches the layer, before this backward accumulates into the weight.
+        Unchanged gradient: keep. None: cleared. Changed in place (zeroed, but also unscaled,
+        clipped, or overwritten by DDP's reducer): cleared only if it is now all zeros; this is
+        the one case that reads a device value, and it happens only between two backward passes
+        of one step whose gradient was modified in between.
         """
-        if not self._trained(output):
+        owner, self._owner = self._owner, None
+        if owner is None:
             return
-        x = x.detach()
-        count = unfold.row_count(self.layer, x)
-        if count == 0:
+        grad = self.weight.grad
+        if grad is not None and grad is owner[0]() and grad._version == owner[1]:
             return
-        gram = unfold.gram(self.layer, x, self.chunk_bytes)
-        self._compiled_recorded = True
-        add = functools.partial(_add_gram, self._compiled_gram, self._compiled_count, gram, count)
-        output.register_hook(add)  # type: ignore[no-untyped-call]
+        if grad is None or not bool(_local(grad).ne(0).any()):
+            self.accumulator.clear()
+            self._marker = None
 
-    def consume(self, key: int) -> None:
-        """Backward reached the output of pass ``key``: its statistics now count."""
-        stats = self._pending.pop(key, None)
-        if stats is None:
-            return
-        if self._consumed is None:
-            self._consumed = stats
-        else:
-            self._consumed = self._consumed.merge(stats, self.geometry.n)
+    def accumulated(self, weight: Tensor) -> None:
+        """This backward accumulated into ``weight.grad``: the statistics now belong to it."""
+        grad = weight.grad
+        with self._lock:
+            self._owner = None if grad is None else (weakref.ref(grad), grad._version)
+
+    # --- the preconditioned marker ----------------------------------------------------------------
+
+    def gradient_state(self, grad: Tensor) -> str:
+        """``"done"`` if ``grad`` already holds the TrAct gradient of the current statistics,
+        ``"mixed"`` if a backward added to it after precondition_() wrote it (it would mix the
+        TrAct gradient of earlier passes with the raw gradient of later ones), else ``"raw"``."""
+        with self._lock:
+            marker = self._marker
+            if marker is None or marker[0]() is not grad:
+                return "raw"
+            return "done" if marker[1] == self._folds else "mixed"
+
+    def mark_preconditioned(self, grad: Tensor) -> None:
+        """precondition_() wrote the TrAct gradient into ``grad``."""
+        with self._lock:
+            self._marker = (weakref.ref(grad), self._folds)
+            if self._owner is not None and self._owner[0]() is grad:
+                self._owner = (self._owner[0], grad._version)
 
 
-def _add_gram(total: Tensor, total_count: Tensor, gram: Tensor, count: int, grad: Tensor) -> None:
-    """Tensor hook of a pass recorded inside torch.compile: backward reached it, so it counts."""
-    total.add_(gram.to(total.device))
-    total_count.add_(count)
+class _AccumulatedHook:
+    """Post-accumulate-grad hook on the weight. Holds the capture weakly; inert in copies."""
+
+    def __init__(self, capture: LayerCapture) -> None:
+        self._capture: Callable[[], LayerCapture | None] = weakref.ref(capture)
+
+    def __call__(self, weight: Tensor) -> None:
+        capture = self._capture()
+        if capture is not None and weight is capture.weight:
+            capture.accumulated(weight)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"inert": True}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._capture = lambda: None
 
 
-def _clearable(weight: Tensor) -> bool:
-    """Whether ``weight.grad is None`` now means its gradients were cleared since backward.
-
-    Not inside backward (activation checkpointing recomputes the forward there, before the
-    weight's gradient is accumulated), and not for FSDP2's DTensor parameters, whose ``.grad``
-    stays None between unsynchronised micro-batches.
-    """
+def _local(grad: Tensor) -> Tensor:
+    """The locally held part of a (possibly DTensor) gradient."""
     from torch.distributed.tensor import DTensor
 
-    in_backward = getattr(torch._C, "_current_graph_task_id", lambda: 0)() != -1
-    return not in_backward and not isinstance(weight, DTensor)
-
-
-class _ConsumeHook:
-    """Tensor hook on a recorded pass's output; marks the pass as backpropagated."""
-
-    def __init__(self, capture: LayerCapture, key: int) -> None:
-        self._capture = weakref.ref(capture)
-        self._key = key
-
-    def __call__(self, grad: Tensor) -> None:
-        capture = self._capture()
-        if capture is not None:
-            capture.consume(self._key)
+    return grad.to_local() if isinstance(grad, DTensor) else grad

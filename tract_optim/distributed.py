@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .capture import Stats
+from .statistics import Stats
 from .unfold import Geometry
 
 
@@ -25,40 +25,37 @@ def default_group_active(group: dist.ProcessGroup | None) -> bool:
 
 def all_reduce_stats(
     stats: list[Stats | None],
-    missing: list[bool],
     geometries: list[Geometry],
     device: torch.device,
     group: dist.ProcessGroup | None,
-) -> tuple[list[Stats | None], list[bool]]:
-    """Sum Grams, row counts and "gradient without statistics" flags over ``group`` at once.
+) -> list[Stats]:
+    """Sum every layer's Gram and row count over ``group`` in one collective, without host reads.
 
     Everything travels in one float64 buffer (exact row counts, accurate sums). Rows kept for
-    the Woodbury solve are turned into Grams first. Every rank gets the same result, so every
-    rank makes the same decisions afterwards (including raising the same error).
+    the Woodbury solve are turned into Grams first. The summed counts stay on the device (0-d
+    tensors), so a rank that saw no rows still gets the global statistics, and every rank makes
+    the same decisions afterwards (including raising the same error).
     """
     pieces: list[Tensor] = []
-    for s, miss, geo in zip(stats, missing, geometries, strict=True):
+    for s, geo in zip(stats, geometries, strict=True):
+        size = geo.groups * geo.n * geo.n
         if s is None:
-            gram = torch.zeros(geo.groups * geo.n * geo.n, dtype=torch.float64, device=device)
-            count = 0
-        else:
-            gram = s.to_gram().reshape(-1).to(device=device, dtype=torch.float64)
-            count = s.count
-        tail = torch.tensor([float(count), float(miss)], dtype=torch.float64, device=device)
-        pieces += [gram, tail]
+            pieces += [torch.zeros(size + 1, dtype=torch.float64, device=device)]
+            continue
+        count = s.count if isinstance(s.count, Tensor) else torch.tensor(float(s.count))
+        gram = s.to_gram().reshape(-1).to(device=device, dtype=torch.float64)
+        pieces += [gram, count.reshape(1).to(device=device, dtype=torch.float64)]
     buffer = torch.cat(pieces)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-    out: list[Stats | None] = []
-    flags: list[bool] = []
+    out: list[Stats] = []
     offset = 0
-    for geo in geometries:
+    for s, geo in zip(stats, geometries, strict=True):
         size = geo.groups * geo.n * geo.n
-        gram = buffer[offset : offset + size].reshape(geo.groups, geo.n, geo.n).float()
-        count = round(buffer[offset + size].item())
-        flags.append(buffer[offset + size + 1].item() > 0)
-        out.append(Stats(count=count, gram=gram) if count > 0 else None)
-        offset += size + 2
-    return out, flags
+        dtype = s.dtype if s is not None else torch.float32
+        gram = buffer[offset : offset + size].reshape(geo.groups, geo.n, geo.n).to(dtype)
+        out.append(Stats(count=buffer[offset + size], gram=gram))
+        offset += size + 1
+    return out
 
 
 def local_rows(grad: Tensor) -> tuple[Tensor, int]:

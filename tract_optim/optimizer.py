@@ -19,7 +19,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import distributed, solve, unfold
-from .capture import LayerCapture, Stats
+from .capture import LayerCapture
+from .statistics import Stats
+
+#: ``precondition_`` status bit (besides ``solve``'s): a gradient without statistics.
+_MISSING = 1
 
 _SOLVE_DTYPES = (torch.float32, torch.float64)
 
@@ -60,14 +64,22 @@ def _as_layers(first_layer: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return layers
 
 
-def _describe(index: int, layer: nn.Module) -> str:
+def _weight(layer: nn.Module) -> Tensor:
     weight = layer.weight
     assert isinstance(weight, Tensor)
+    return weight
+
+
+def _describe(index: int, layer: nn.Module) -> str:
+    weight = _weight(layer)
     return f"first_layer[{index}] ({type(layer).__name__}, weight {tuple(weight.shape)})"
 
 
 class TrActOptimizer(Optimizer):
     """Precondition the first layer's weight gradient with TrAct, then step the inner optimizer(s).
+
+    All mutable state lives in objects this instance shares with every proxy of it (Lightning's
+    ``LightningOptimizer`` copies ``__dict__``): methods mutate it in place, never rebind it.
 
     Args:
         optimizer: a torch optimizer, or a sequence of them stepped together (e.g. SGD for the
@@ -75,11 +87,19 @@ class TrActOptimizer(Optimizer):
         first_layer: the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` that
             first multiplies the raw input, or a sequence of such layers.
         lam: TrAct's damping λ > 0 (paper default 0.1), one value or one per layer.
-        solve_dtype: ``torch.float32`` (default) or ``torch.float64`` for the solve.
+        solve_dtype: ``None`` (default: fp32, or fp64 for fp64 gradients), ``torch.float32`` or
+            ``torch.float64`` for the solve.
         chunk_bytes: bound on the bytes of unfolded input materialised at once by the hooks.
         process_group: the data-parallel group whose statistics are summed (default: the world
             group whenever torch.distributed is initialised).
         sync_statistics: ``False`` keeps every rank's statistics local (the authors' behaviour).
+        clip_grad_norm: if set, after preconditioning and before the inner step, clip the
+            gradients of every inner parameter to this total norm (``clip_grad_norm_``), so
+            that clipping sees the TrAct gradient whatever the framework does before ``step()``.
+        clip_norm_type: the norm of ``clip_grad_norm`` (default 2).
+        capturable: no host reads in ``step()`` (CUDA graphs, ``reduce-overhead``): statistics
+            live in buffers allocated up front, and a layer whose statistics are unusable gets
+            a NaN gradient instead of an exception (see the README).
     """
 
     def __init__(
@@ -88,10 +108,13 @@ class TrActOptimizer(Optimizer):
         first_layer: nn.Module | Sequence[nn.Module],
         lam: float | Sequence[float] = 0.1,
         *,
-        solve_dtype: torch.dtype = torch.float32,
+        solve_dtype: torch.dtype | None = None,
         chunk_bytes: int = unfold.DEFAULT_CHUNK_BYTES,
         process_group: dist.ProcessGroup | None = None,
         sync_statistics: bool = True,
+        clip_grad_norm: float | None = None,
+        clip_norm_type: float = 2.0,
+        capturable: bool = False,
     ) -> None:
         inner = _as_optimizers(optimizer)
         layers = _as_layers(first_layer)
@@ -101,10 +124,13 @@ class TrActOptimizer(Optimizer):
         if len(lam_list) != len(layers):
             raise ValueError(f"lam: got {len(lam_list)} values for {len(layers)} first layers")
         lams = [_check_lam(value, f"lam[{i}]") for i, value in enumerate(lam_list)]
-        if solve_dtype not in _SOLVE_DTYPES:
+        if solve_dtype is not None and solve_dtype not in _SOLVE_DTYPES:
             raise ValueError(
-                f"solve_dtype must be torch.float32 or torch.float64, got {solve_dtype}"
+                f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype}"
             )
+        if clip_grad_norm is not None:
+            clip_grad_norm = _check_positive(clip_grad_norm, "clip_grad_norm")
+        clip_norm_type = _check_positive(clip_norm_type, "clip_norm_type", allow_inf=True)
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         held = {id(p) for opt in inner for group in opt.param_groups for p in group["params"]}
@@ -117,11 +143,19 @@ class TrActOptimizer(Optimizer):
                 )
 
         self._inner = inner
-        self._lams = lams
+        self._lams = lams  # mutated in place only (proxies share the list)
         self._solve_dtype = solve_dtype
         self._process_group = process_group
         self._sync_statistics = sync_statistics
-        self._preconditioned = False
+        self._clip = (clip_grad_norm, clip_norm_type)
+        self._capturable = capturable
+        # λ as device tensors in capturable mode, updated in place so replays see set_lam.
+        self._lam_tensors = [
+            torch.tensor(value, dtype=torch.float64, device=_weight(layer).device)
+            for value, layer in zip(lams, layers, strict=True)
+            if capturable
+        ]
+        self._last_grad_norm: list[Tensor | None] = [None]
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state/defaults, which
         # are live views of the inner optimizer(s) below.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -132,7 +166,7 @@ class TrActOptimizer(Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self._warned_capturable_if_run_uncaptured = True
-        self._captures = [LayerCapture(layer, chunk_bytes) for layer in layers]
+        self._captures = [LayerCapture(layer, chunk_bytes, static=capturable) for layer in layers]
 
     # --- live views of the inner optimizer(s) -------------------------------------------------
 
@@ -174,7 +208,8 @@ class TrActOptimizer(Optimizer):
         """Change λ between steps, for one layer (index or module) or for all (``None``)."""
         value = _check_lam(lam, "lam")
         if layer is None:
-            self._lams = [value] * len(self._lams)
+            for i in range(len(self._lams)):
+                self._set_lam(i, value)
             return
         if isinstance(layer, nn.Module):
             matches = [i for i, c in enumerate(self._captures) if c.layer is layer]
@@ -185,7 +220,17 @@ class TrActOptimizer(Optimizer):
             index = layer
             if not 0 <= index < len(self._lams):
                 raise IndexError(f"set_lam: layer index {index} out of range({len(self._lams)})")
+        self._set_lam(index, value)
+
+    def _set_lam(self, index: int, value: float) -> None:
         self._lams[index] = value
+        if self._lam_tensors:
+            self._lam_tensors[index].fill_(value)
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The total gradient norm that ``clip_grad_norm`` measured at the last step (pre-clip)."""
+        return self._last_grad_norm[0]
 
     def add_param_group(self, param_group: dict[str, Any], *, index: int = 0) -> None:
         """Add a parameter group to inner optimizer ``index`` (the only one, by default)."""
@@ -200,88 +245,133 @@ class TrActOptimizer(Optimizer):
         for opt in self._inner:
             opt.zero_grad(set_to_none=set_to_none)
         for capture in self._captures:
-            capture.reset_consumed()
-        self._preconditioned = False
+            capture.reset()
 
     @torch.no_grad()
     def precondition_(self) -> None:
         """Replace each first layer's ``weight.grad`` by its TrAct gradient, in place.
 
         Call it before gradient clipping so that clipping sees the TrAct gradient; ``step()``
-        then does not precondition again. At most once per step: later calls do nothing.
-        Raises before changing any gradient if a layer's statistics are missing or unusable.
+        then does not precondition the same gradient again. Raises, before changing any
+        gradient, if a layer's statistics are missing or unusable, or if a backward added to a
+        gradient after it was preconditioned. One host read in all (none in capturable mode).
         """
-        if self._preconditioned:
-            return
-        captures = [c for c in self._captures if c.active]
-        stats = [c.take() for c in captures]
-        grads = [c.weight.grad for c in captures]
-        missing = [
-            g is not None and s is None and bool(_local(g).count_nonzero() > 0)
-            for g, s in zip(grads, stats, strict=True)
-        ]
-        if (
-            captures
-            and self._sync_statistics
-            and distributed.default_group_active(self._process_group)
-        ):
-            stats, missing = distributed.all_reduce_stats(
-                stats,
-                missing,
-                [c.geometry for c in captures],
-                captures[0].weight.device,
-                self._process_group,
-            )
-        indices = [self._captures.index(c) for c in captures]
-        for i, capture, miss in zip(indices, captures, missing, strict=True):
-            if miss:
-                raise RuntimeError(_missing_message(i, capture))
-        updates: list[tuple[Tensor, Tensor]] = []
-        for i, capture, s, grad in zip(indices, captures, stats, grads, strict=True):
-            if grad is None or s is None:
+        self._check_not_superseded()
+        todo: list[tuple[int, LayerCapture, Tensor]] = []
+        for i, capture in enumerate(self._captures):
+            grad = capture.weight.grad
+            if not capture.active or grad is None:
                 continue
-            updates.append((grad, self._preconditioned_grad(i, capture, s, grad)))
-        for grad, new in updates:
+            state = capture.gradient_state(grad)
+            if state == "mixed":
+                raise RuntimeError(_mixed_message(i, capture))
+            if state == "raw":
+                todo.append((i, capture, grad))
+        if not todo:
+            return
+        stats: list[Stats | None] = [c.accumulator.total() for _, c, _ in todo]
+        if self._sync_statistics and distributed.default_group_active(self._process_group):
+            stats = list(
+                distributed.all_reduce_stats(
+                    stats,
+                    [c.geometry for _, c, _ in todo],
+                    todo[0][1].weight.device,
+                    self._process_group,
+                )
+            )
+        dtypes = [self._dtype(grad, s) for (_, _, grad), s in zip(todo, stats, strict=True)]
+        results = [
+            self._solve(i, c, grad, s, dtype)
+            for (i, c, grad), s, dtype in zip(todo, stats, dtypes, strict=True)
+        ]
+        if self._capturable:
+            news = [torch.where(status == 0, new, torch.nan) for new, status in results]
+        else:
+            news = self._checked(todo, stats, dtypes, results)
+        for (_, capture, grad), new in zip(todo, news, strict=True):
             local, _ = distributed.local_rows(grad)
             local.copy_(new.reshape(local.shape))
-        self._preconditioned = True
+            capture.mark_preconditioned(grad)
 
-    def _preconditioned_grad(
-        self, index: int, capture: LayerCapture, s: Stats, grad: Tensor
-    ) -> Tensor:
-        """The TrAct gradient of this rank's rows of ``grad``, as (rows, n) in grad's dtype."""
-        what = _describe(index, capture.layer)
-        lam = self._lams[index]
-        if s.rows is not None:
-            factor = solve.factor_woodbury(s.rows, lam, self._solve_dtype, what)
-        else:
-            factor = solve.factor_direct(s.to_gram(), s.count, lam, self._solve_dtype, what)
+    def _dtype(self, grad: Tensor, stats: Stats | None) -> torch.dtype:
+        """The solve dtype: as asked, else the widest of fp32, the gradient and the statistics."""
+        if self._solve_dtype is not None:
+            return self._solve_dtype
+        wide = grad.dtype == torch.float64 or (stats is not None and stats.dtype == torch.float64)
+        return torch.float64 if wide else torch.float32
+
+    def _solve(
+        self,
+        index: int,
+        capture: LayerCapture,
+        grad: Tensor,
+        stats: Stats | None,
+        dtype: torch.dtype,
+    ) -> tuple[Tensor, Tensor]:
+        """This rank's rows of the TrAct gradient (rows, n) and its status flag, no host reads."""
         local, offset = distributed.local_rows(grad)
-        geo = capture.geometry
-        flat = local.reshape(local.shape[0], geo.n)
-        parts = []
-        start = 0
-        while start < flat.shape[0]:
-            group = (offset + start) // geo.out_per_group
-            stop = min(flat.shape[0], (group + 1) * geo.out_per_group - offset)
-            parts.append(solve.apply(factor, flat[start:stop], group))
-            start = stop
-        if not parts:
-            return flat.clone()
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(grad.dtype)
+        flat = local.reshape(local.shape[0], capture.geometry.n)
+        if stats is None:
+            return flat, torch.where(flat.ne(0).any(), _MISSING, 0)
+        lam = self._lam_tensors[index] if self._capturable else self._lams[index]
+        factor = solve.factor(stats, lam, dtype)
+        status = factor.status
+        if isinstance(stats.count, Tensor):
+            status = status + torch.where((stats.count == 0) & flat.ne(0).any(), _MISSING, 0)
+        new = solve.apply_rows(factor, flat, offset, capture.geometry.out_per_group)
+        return new.to(grad.dtype), status
+
+    def _checked(
+        self,
+        todo: list[tuple[int, LayerCapture, Tensor]],
+        stats: list[Stats | None],
+        dtypes: list[torch.dtype],
+        results: list[tuple[Tensor, Tensor]],
+    ) -> list[Tensor]:
+        """The new gradients, after the step's one host read of every layer's status.
+
+        A factorisation that failed in fp32 is redone in fp64 from the statistics (a second
+        read, on that failure path only). Raises, naming the layer, if any layer stays unusable.
+        """
+        codes = torch.stack([status for _, status in results]).tolist()
+        news = [new for new, _ in results]
+        for k, ((i, capture, grad), code) in enumerate(zip(todo, codes, strict=True)):
+            s = stats[k]
+            if code == solve.NOT_POSITIVE_DEFINITE and dtypes[k] != torch.float64:
+                assert s is not None
+                new, status = self._solve(i, capture, grad, s, torch.float64)
+                code = int(status)
+                news[k] = new
+            if code:
+                raise _status_error(i, capture, code)
+        return news
+
+    def _check_not_superseded(self) -> None:
+        for i, capture in enumerate(self._captures):
+            if capture.superseded:
+                raise RuntimeError(
+                    f"{_describe(i, capture.layer)}: a newer TrActOptimizer took over this "
+                    "layer's hooks, so this one has no statistics for it; step the new optimizer "
+                    "(or remove() this one before creating the new one)"
+                )
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Run ``closure`` (with grad enabled), precondition, then step the inner optimizer(s)."""
+        """Run ``closure`` (with grad enabled), precondition, clip if asked, step the inner ones."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self.precondition_()
+        max_norm, norm_type = self._clip
+        if max_norm is not None:
+            params = [
+                p for group in self.param_groups for p in group["params"] if p.grad is not None
+            ]
+            self._last_grad_norm[0] = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
         for opt in self._inner:
             opt.step()
         for capture in self._captures:
             capture.reset()
-        self._preconditioned = False
         return loss
 
     # --- checkpoints -----------------------------------------------------------------------------
@@ -335,7 +425,8 @@ class TrActOptimizer(Optimizer):
             for opt, inner_sd in zip(self._inner, saved, strict=True):
                 opt.load_state_dict(inner_sd)
         if tract is not None:
-            self._lams = lams
+            for i, value in enumerate(lams):
+                self._set_lam(i, value)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -398,13 +489,43 @@ def _check_group_sizes(opt: Optimizer, saved: Mapping[str, Any], index: int) -> 
         )
 
 
-def _local(grad: Tensor) -> Tensor:
-    return distributed.local_rows(grad)[0]
+def _check_positive(value: object, name: str, *, allow_inf: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+    if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
+        raise ValueError(
+            f"{name} must be a positive {'' if allow_inf else 'finite '}float, got {value}"
+        )
+    return float(value)
+
+
+def _mixed_message(index: int, capture: LayerCapture) -> str:
+    return (
+        f"{_describe(index, capture.layer)}: a backward pass added to the gradient after "
+        "precondition_() had preconditioned it, so it would mix TrAct and raw gradients. Call "
+        "precondition_() once, after the last backward of the step (or zero_grad() first)."
+    )
+
+
+def _status_error(index: int, capture: LayerCapture, code: int) -> Exception:
+    """The exception for a layer's status bits (the most basic cause first)."""
+    what = _describe(index, capture.layer)
+    if code & _MISSING:
+        return RuntimeError(_missing_message(index, capture))
+    if code & solve.NON_FINITE:
+        return FloatingPointError(
+            f"{what}: the input statistics contain inf or NaN (the layer's inputs overflowed); "
+            "check the data pipeline or standardise the inputs"
+        )
+    return FloatingPointError(
+        f"{what}: the damped input matrix is not numerically positive definite even in "
+        "float64; increase lam or standardise the inputs"
+    )
 
 
 def _missing_message(index: int, capture: LayerCapture) -> str:
     what = _describe(index, capture.layer)
-    if capture.recorded_any:
+    if capture.recorded_eagerly:
         return (
             f"{what} has a gradient, but backward never reached the outputs of the forward passes "
             "TrAct recorded; the gradient came from elsewhere (e.g. the weight used functionally "

@@ -1,8 +1,10 @@
 """The damped solve G ← G·(xᵀx/r + λI)⁻¹, by Cholesky, directly or in Woodbury form.
 
 Both forms take one batch entry per group. The matrix is symmetric positive definite for λ > 0, so
-a Cholesky factorisation always exists in exact arithmetic; when the fp32 factorisation fails the
-solve retries in fp64 before giving up with a ``FloatingPointError``. No explicit inverse is formed.
+a Cholesky factorisation exists in exact arithmetic. Nothing here reads a device value: whether
+the statistics were finite and the factorisation succeeded is returned as a device flag
+(``Factor.status``), so that the caller can check every layer with one host read per step, or
+none at all in capturable mode. No explicit inverse is formed.
 """
 
 from __future__ import annotations
@@ -12,18 +14,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .statistics import Stats
 
-@dataclass
+#: ``Factor.status`` bits.
+NON_FINITE = 2
+NOT_POSITIVE_DEFINITE = 4
+
+
+@dataclass(frozen=True)
 class Factor:
     """A factorised preconditioner for one layer, ready to right-multiply gradient rows.
 
     ``direct``: ``chol`` factors A/r + λI (groups, n, n). Woodbury: ``chol`` factors
-    XXᵀ/r + λI (groups, r, r) and ``rows`` holds X (groups, r, n).
+    XXᵀ/r + λI (groups, r, r) and ``rows`` holds X (groups, r, n). ``status`` is a 0-d int
+    device tensor: 0, or the bits ``NON_FINITE`` / ``NOT_POSITIVE_DEFINITE``.
     """
 
     chol: Tensor
-    lam: float
-    count: int
+    lam: float | Tensor
+    count: int | Tensor
+    status: Tensor
     rows: Tensor | None = None
 
     @property
@@ -31,38 +41,37 @@ class Factor:
         return self.chol.dtype
 
 
-def _cholesky(matrix: Tensor, what: str) -> Tensor:
-    """Cholesky factor of a batch of SPD matrices, retrying in fp64; raises FloatingPointError."""
-    if not bool(torch.isfinite(matrix).all()):
-        raise FloatingPointError(
-            f"{what}: the input statistics contain inf or NaN (the layer's inputs overflowed); "
-            "check the data pipeline or standardise the inputs"
-        )
+def _factor(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Cholesky factor of a batch of SPD matrices and its status flag, without host reads."""
+    finite = torch.isfinite(matrix).all()
     chol, info = torch.linalg.cholesky_ex(matrix)
-    if bool((info > 0).any()) and matrix.dtype != torch.float64:
-        chol, info = torch.linalg.cholesky_ex(matrix.double())
-    if bool((info > 0).any()):
-        raise FloatingPointError(
-            f"{what}: the damped input matrix is not numerically positive definite even in "
-            "float64; increase lam or standardise the inputs"
-        )
-    return chol  # type: ignore[no-any-return]
+    status = torch.where(finite, 0, NON_FINITE) + torch.where(
+        (info > 0).any(), NOT_POSITIVE_DEFINITE, 0
+    )
+    return chol, status
 
 
-def factor_direct(gram: Tensor, count: int, lam: float, dtype: torch.dtype, what: str) -> Factor:
-    """Factor A/r + λI for Grams ``gram`` (groups, n, n) accumulated over ``count`` rows."""
-    matrix = gram.to(dtype, copy=True).div_(count)
-    matrix.diagonal(dim1=-2, dim2=-1).add_(lam)
-    return Factor(chol=_cholesky(matrix, what), lam=lam, count=count)
+def _damp_(matrix: Tensor, lam: float | Tensor) -> Tensor:
+    """Add λ to the diagonal of every matrix in the batch, in place."""
+    diagonal = matrix.diagonal(dim1=-2, dim2=-1)
+    diagonal.add_(lam if isinstance(lam, float) else lam.to(matrix.dtype))
+    return matrix
 
 
-def factor_woodbury(rows: Tensor, lam: float, dtype: torch.dtype, what: str) -> Factor:
-    """Factor XXᵀ/r + λI on the r×r side for rows ``rows`` (groups, r, n); cheaper when r < n."""
-    x = rows.to(dtype)
-    count = x.shape[1]
-    matrix = (x @ x.transpose(1, 2)).div_(count)
-    matrix.diagonal(dim1=-2, dim2=-1).add_(lam)
-    return Factor(chol=_cholesky(matrix, what), lam=lam, count=count, rows=x)
+def factor(stats: Stats, lam: float | Tensor, dtype: torch.dtype) -> Factor:
+    """Factor the damped matrix of ``stats`` in ``dtype``: Woodbury form when rows are kept."""
+    count = stats.count
+    divisor = count if isinstance(count, int) else count.clamp(min=1).to(dtype)
+    if stats.rows is not None:
+        x = stats.rows.to(dtype)
+        matrix = _damp_((x @ x.mT).div_(divisor), lam)
+        chol, status = _factor(matrix)
+        return Factor(chol=chol, lam=lam, count=count, status=status, rows=x)
+    assert stats.gram is not None
+    # Built from the Gram in the solve dtype (never from a rounded lower-precision matrix).
+    matrix = _damp_(stats.gram.to(dtype, copy=True).div_(divisor), lam)
+    chol, status = _factor(matrix)
+    return Factor(chol=chol, lam=lam, count=count, status=status)
 
 
 def apply(factor: Factor, grad: Tensor, group: int) -> Tensor:
@@ -76,8 +85,26 @@ def apply(factor: Factor, grad: Tensor, group: int) -> Tensor:
     if factor.rows is None:
         # G M⁻¹ = (M⁻¹ Gᵀ)ᵀ since M is symmetric.
         return torch.cholesky_solve(g.T, chol).T
-    # Woodbury: G (XᵀX/r + λI)⁻¹ = G/λ − ((XXᵀ/r + λI)⁻¹ X Gᵀ)ᵀ X / (λr), one fused addmm.
+    # Woodbury: G (XᵀX/r + λI)⁻¹ = G/λ − ((XXᵀ/r + λI)⁻¹ X Gᵀ)ᵀ X / (λr).
     x = factor.rows[group]
     inner = torch.cholesky_solve(x @ g.T, chol)
     lam, count = factor.lam, factor.count
-    return torch.addmm(g, inner.T, x, beta=1 / lam, alpha=-1 / (lam * count))
+    return (g - inner.T @ x / count) / lam
+
+
+def apply_rows(factor: Factor, rows: Tensor, offset: int, out_per_group: int) -> Tensor:
+    """G·M⁻¹ for consecutive gradient rows (m, n) starting at output channel ``offset``.
+
+    The rows may start and end anywhere (an FSDP shard can split a group): each run of rows is
+    solved with its own group's factor.
+    """
+    parts = []
+    start = 0
+    while start < rows.shape[0]:
+        group = (offset + start) // out_per_group
+        stop = min(rows.shape[0], (group + 1) * out_per_group - offset)
+        parts.append(apply(factor, rows[start:stop], group))
+        start = stop
+    if not parts:
+        return rows.to(factor.dtype, copy=True)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -153,29 +153,35 @@ def row_count(layer: nn.Module, x: Tensor) -> int:
     return count
 
 
-def gram(layer: nn.Module, x: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
-    """xᵀx per group, shape (groups, n, n), fp32, materialising at most ~``chunk_bytes`` at a time.
+def gram(
+    layer: nn.Module,
+    x: Tensor,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """xᵀx per group, shape (groups, n, n), in ``dtype`` (fp32 or fp64), materialising at most
+    ~``chunk_bytes`` at a time.
 
     Overlapping Conv2d windows go through ``gram.conv2d_gram``, which never unfolds the input;
     other layers unfold chunk by chunk and skip the lower triangle (``gram.add_upper_``).
     """
     geo = geometry(layer)
-    out = torch.zeros(geo.groups, geo.n, geo.n, dtype=torch.float32, device=x.device)
+    out = torch.zeros(geo.groups, geo.n, geo.n, dtype=dtype, device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
         if isinstance(layer, nn.Linear):
             flat = x.reshape(-1, geo.n)
             step = max(1, chunk_bytes // (4 * geo.n))
             for start in range(0, flat.shape[0], step):
-                _gram.add_upper_(out, flat[None, start : start + step].float())
+                _gram.add_upper_(out, flat[None, start : start + step].to(dtype))
             return _gram.mirror_upper(out)
         xb = batched_input(layer, x)
         if _uses_conv2d_kernel(layer):
-            _conv2d_gram_into(out, layer, xb, chunk_bytes)
+            _conv2d_gram_into(out, layer, xb, chunk_bytes, dtype)
             return out
         per_image = max(1, row_count(layer, xb[:1])) * geo.n * geo.groups * 4
         step = max(1, chunk_bytes // per_image)
         for start in range(0, xb.shape[0], step):
-            _gram.add_upper_(out, rows(layer, xb[start : start + step].float()))
+            _gram.add_upper_(out, rows(layer, xb[start : start + step].to(dtype)))
     return _gram.mirror_upper(out)
 
 
@@ -188,7 +194,9 @@ def _uses_conv2d_kernel(layer: nn.Module) -> TypeGuard[nn.Conv2d]:
     )
 
 
-def _conv2d_gram_into(out: Tensor, conv: nn.Conv2d, xb: Tensor, chunk_bytes: int) -> None:
+def _conv2d_gram_into(
+    out: Tensor, conv: nn.Conv2d, xb: Tensor, chunk_bytes: int, dtype: torch.dtype
+) -> None:
     """Add the Gram of every group of ``xb``'s rows to ``out``, a chunk of images at a time."""
     kernel = (conv.kernel_size[0], conv.kernel_size[1])
     stride = (conv.stride[0], conv.stride[1])
@@ -198,7 +206,7 @@ def _conv2d_gram_into(out: Tensor, conv: nn.Conv2d, xb: Tensor, chunk_bytes: int
     per_image = _gram.conv2d_gram_bytes_per_image(padded, kernel, stride)
     step = max(1, chunk_bytes // per_image)
     for start in range(0, xb.shape[0], step):
-        xpad = _pad(conv, xb[start : start + step].float())
+        xpad = _pad(conv, xb[start : start + step].to(dtype))
         for g in range(conv.groups):
             part = xpad[:, g * per_group : (g + 1) * per_group]
             out[g] += _gram.conv2d_gram(part, kernel, stride)
