@@ -117,9 +117,8 @@ def _producer(output: Tensor) -> Any:
     output tensor onto a new node, but the producing node still runs in backward. For a view
     output (a Linear with bias on N-D input), that is the node of the view's base.
     """
-    base = output._base if output._is_view() else None
-    node = base.grad_fn if base is not None else output.grad_fn
-    return node
+    base = output._base
+    return base.grad_fn if base is not None else output.grad_fn
 
 
 class LayerCapture:
@@ -225,7 +224,9 @@ class LayerCapture:
             stat = unfold.gram(self.layer, x, self.chunk_bytes, dtype)
         if torch.compiler.is_compiling():
             hook = functools.partial(_traced_fold, self._key, stat, is_rows, count, self._anchor)
-            output.register_hook(hook)  # type: ignore[no-untyped-call]
+            # The base of a view output, as in ``_producer``: in-place ops on the view rebase it.
+            base = output._base
+            (base if base is not None else output).register_hook(hook)  # type: ignore[no-untyped-call]
             return
         self.recorded_eagerly = True
         stats = Stats(count=count, rows=stat) if is_rows else Stats(count=count, gram=stat)

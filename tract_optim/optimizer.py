@@ -297,7 +297,10 @@ class TrActOptimizer(Optimizer):
         """The solve dtype: as asked, else the widest of fp32, the gradient and the statistics."""
         if self._solve_dtype is not None:
             return self._solve_dtype
-        wide = grad.dtype == torch.float64 or (stats is not None and stats.dtype == torch.float64)
+        if stats is None:
+            return torch.float32
+        # Kept rows (r < n): the Woodbury form cancels digits in fp32, and costs little in fp64.
+        wide = grad.dtype == torch.float64 or stats.dtype == torch.float64 or stats.rows is not None
         return torch.float64 if wide else torch.float32
 
     def _solve(
@@ -333,7 +336,7 @@ class TrActOptimizer(Optimizer):
         A factorisation that failed in fp32 is redone in fp64 from the statistics (a second
         read, on that failure path only). Raises, naming the layer, if any layer stays unusable.
         """
-        codes = torch.stack([status for _, status in results]).tolist()
+        codes = _read_codes([status for _, status in results])
         news = [new for new, _ in results]
         for k, ((i, capture, grad), code) in enumerate(zip(todo, codes, strict=True)):
             s = stats[k]
@@ -487,6 +490,19 @@ def _check_group_sizes(opt: Optimizer, saved: Mapping[str, Any], index: int) -> 
             f"state_dict['optimizers'][{index}] has param groups of sizes {got}, "
             f"optimizers[{index}] has {have}; load a state dict saved from the same setup"
         )
+
+
+def _read_codes(statuses: list[Tensor]) -> list[int]:
+    """Every layer's status bits with one host read: 3 bits a layer packed into one int64 (one
+    read per 21 layers)."""
+    codes: list[int] = []
+    per_read = 21
+    for start in range(0, len(statuses), per_read):
+        part = torch.stack(statuses[start : start + per_read]).to(torch.int64)
+        shifts = torch.arange(part.numel(), device=part.device) * 3
+        packed = int((part << shifts).sum())
+        codes += [(packed >> (3 * k)) & 7 for k in range(part.numel())]
+    return codes
 
 
 def _check_positive(value: object, name: str, *, allow_inf: bool = False) -> float:

@@ -170,19 +170,29 @@ def gram(
     with torch.autocast(device_type=x.device.type, enabled=False):
         if isinstance(layer, nn.Linear):
             flat = x.reshape(-1, geo.n)
-            step = max(1, chunk_bytes // (4 * geo.n))
-            for start in range(0, flat.shape[0], step):
-                _gram.add_upper_(out, flat[None, start : start + step].to(dtype))
+            for part in _chunks(flat.shape[0], chunk_bytes // (4 * geo.n)):
+                _gram.add_upper_(out, flat[None, part].to(dtype))
             return _gram.mirror_upper(out)
         xb = batched_input(layer, x)
         if _uses_conv2d_kernel(layer):
             _conv2d_gram_into(out, layer, xb, chunk_bytes, dtype)
             return out
         per_image = max(1, row_count(layer, xb[:1])) * geo.n * geo.groups * 4
-        step = max(1, chunk_bytes // per_image)
-        for start in range(0, xb.shape[0], step):
-            _gram.add_upper_(out, rows(layer, xb[start : start + step].to(dtype)))
+        for part in _chunks(xb.shape[0], chunk_bytes // per_image):
+            _gram.add_upper_(out, rows(layer, xb[part].to(dtype)))
     return _gram.mirror_upper(out)
+
+
+def _chunks(total: int, step: int) -> list[slice]:
+    """Slices of at most ``step`` (≥ 1) items covering ``range(total)``.
+
+    Inside ``torch.compile`` one slice: a loop over a batch size would make Dynamo specialise
+    on it and recompile for every new size (the compiler plans the memory itself).
+    """
+    if torch.compiler.is_compiling():
+        return [slice(None)]
+    step = max(1, step)
+    return [slice(start, start + step) for start in range(0, total, step)]
 
 
 def _uses_conv2d_kernel(layer: nn.Module) -> TypeGuard[nn.Conv2d]:
@@ -204,9 +214,8 @@ def _conv2d_gram_into(
     left, right, top, bottom = _padding_pairs(conv)
     padded = (xb.shape[1], xb.shape[2] + top + bottom, xb.shape[3] + left + right)
     per_image = _gram.conv2d_gram_bytes_per_image(padded, kernel, stride)
-    step = max(1, chunk_bytes // per_image)
-    for start in range(0, xb.shape[0], step):
-        xpad = _pad(conv, xb[start : start + step].to(dtype))
+    for images in _chunks(xb.shape[0], chunk_bytes // per_image):
+        xpad = _pad(conv, xb[images].to(dtype))
         for g in range(conv.groups):
             part = xpad[:, g * per_group : (g + 1) * per_group]
             out[g] += _gram.conv2d_gram(part, kernel, stride)

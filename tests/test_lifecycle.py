@@ -1,0 +1,420 @@
+"""Statistics belong to the gradient they precondition: the loops people really write.
+
+Each test trains with ``SGD(lr=1)`` (no momentum), so the first layer's weight moves by exactly
+minus the gradient the inner optimizer saw, and compares that move with TrAct written out in
+float64 (``_stack.precondition_reference``) over exactly the passes whose backward produced the
+gradient. Raw gradients come from a twin model without TrAct, and rows from ``F.unfold`` /
+``reshape`` (not the library's unfold). Where ``torch.compile`` applies, eager and compiled runs
+are both checked against the same reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _stack import precondition_reference
+from torch import Tensor, nn
+from torch._dynamo.backends.registry import lookup_backend
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tract_optim import TrActOptimizer
+
+LAM = 0.1
+RTOL = 1e-4  # fp32 library vs float64 reference, relative to the update's largest entry
+
+
+def rows_of(layer: nn.Module, xs: list[Tensor]) -> Tensor:
+    """float64 rows (1, r, n) of the passes ``xs`` through a Linear or a 1-group Conv2d."""
+    parts = []
+    for x in xs:
+        x = x.double()
+        if isinstance(layer, nn.Linear):
+            parts.append(x.reshape(-1, layer.in_features))
+        else:
+            assert isinstance(layer, nn.Conv2d) and layer.groups == 1
+            cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            parts.append(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+    return torch.cat(parts)[None]
+
+
+def assert_update(before: Tensor, after: Tensor, expected_grad: Tensor) -> None:
+    """``after`` = ``before`` − ``expected_grad`` (SGD, lr 1), relative to the update's size."""
+    move = before.double() - after.detach().double()
+    scale = float(expected_grad.abs().max())
+    assert scale > 0
+    err = float((move - expected_grad).abs().max()) / scale
+    assert err < RTOL, f"relative error {err:.2e}"
+
+
+def raw_grad(model: nn.Module, loss_of: Callable[[nn.Module], Tensor], layer_name: str) -> Tensor:
+    """The plain gradient of the first layer's weight for ``loss_of`` on a twin of ``model``."""
+    twin = copy.deepcopy(model)
+    twin.zero_grad(set_to_none=True)
+    loss_of(twin).backward()
+    weight = twin.get_submodule(layer_name).weight
+    assert weight.grad is not None
+    return weight.grad.double()
+
+
+class CountingBackend:
+    """``aot_eager`` that counts the graphs Dynamo hands it."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+        self._inner = lookup_backend("aot_eager")
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
+        self.graphs += 1
+        return self._inner(gm, example_inputs)
+
+
+def maybe_compile(model: nn.Module, compiled: bool) -> Callable[[Tensor], Tensor]:
+    if not compiled:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model, backend="aot_eager", fullgraph=True)  # type: ignore[return-value]
+
+
+def conv_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+
+
+def token_net(n: int = 16) -> nn.Sequential:
+    """A Linear first layer on (B, tokens, n) inputs; few rows, so r < n (the Woodbury form)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(n, 5), nn.Tanh(), nn.Flatten(), nn.Linear(10, 3))
+
+
+def batch(shape: tuple[int, ...], seed: int) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def loss(out: Tensor) -> Tensor:
+    return (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+
+
+# --- 1, 2: GradScaler skip, then model.zero_grad() ------------------------------------------------
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_scaler_skip_then_model_zero_grad(compiled: bool, set_to_none: bool) -> None:
+    """README recipe (unscale_, precondition_, scaler.step) with model.zero_grad(): after a step
+    the scaler skips, the next update is the TrAct update of the next batch alone."""
+    model = conv_net()
+    run = maybe_compile(model, compiled)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x1, x2 = batch((2, 3, 4, 4), 1), batch((2, 3, 4, 4), 2)
+
+    def iteration(x: Tensor, factor: float) -> None:
+        scaler.scale(loss(run(x)) * factor).backward()
+        scaler.unscale_(opt)
+        opt.precondition_()
+        scaler.step(opt)
+        scaler.update()
+        model.zero_grad(set_to_none=set_to_none)
+
+    iteration(x1, 1e38)  # the scaled loss overflows: the scaler skips this step
+    assert scaler.get_scale() == 2.0**9
+    before = model[0].weight.detach().clone()
+    expected_raw = raw_grad(model, lambda m: loss(m(x2)), "0")
+    iteration(x2, 1.0)
+    expected = precondition_reference(rows_of(model[0], [x2]), expected_raw, LAM)
+    assert_update(before, model[0].weight, expected)
+
+
+# --- 3: precondition_(), another backward, step() ---------------------------------------------
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_backward_after_precondition_raises_before_any_change(compiled: bool) -> None:
+    model = conv_net()
+    run = maybe_compile(model, compiled)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    loss(run(batch((2, 3, 4, 4), 1))).backward()
+    opt.precondition_()
+    loss(run(batch((2, 3, 4, 4), 2))).backward()
+    weights = [p.detach().clone() for p in model.parameters()]
+    grad = model[0].weight.grad.clone()  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match=r"first_layer\[0\].*backward pass added to the grad"):
+        opt.step()
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p, w)
+    assert torch.equal(model[0].weight.grad, grad)  # type: ignore[arg-type]
+
+
+def test_clipping_after_precondition_is_not_a_new_gradient() -> None:
+    """In-place changes that are not backward passes (clipping) keep the preconditioned mark."""
+    model = conv_net()
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    x = batch((2, 3, 4, 4), 1)
+    before = model[0].weight.detach().clone()
+    expected = precondition_reference(
+        rows_of(model[0], [x]), raw_grad(model, lambda m: loss(m(x)), "0"), LAM
+    )
+    loss(model(x)).backward()
+    opt.precondition_()
+    assert model[0].weight.grad is not None
+    model[0].weight.grad.mul_(0.5)  # a clip by hand
+    opt.step()
+    assert_update(before, model[0].weight, expected * 0.5)
+
+
+# --- 4: reused input buffers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_reused_input_buffer_is_never_aliased(compiled: bool) -> None:
+    """Micro-batches staged through one buffer (r < n): each pass keeps its own rows."""
+    model = token_net()
+    run = maybe_compile(model, compiled)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    xs = [batch((1, 2, 16), seed) for seed in (1, 2, 3)]
+    buffer = torch.empty(1, 2, 16)
+    before = model[0].weight.detach().clone()
+    expected_raw = raw_grad(model, lambda m: sum(loss(m(x)) for x in xs), "0")  # type: ignore[arg-type, return-value]
+    for x in xs:
+        buffer.copy_(x)
+        loss(run(buffer)).backward()
+    opt.step()
+    expected = precondition_reference(rows_of(model[0], xs), expected_raw, LAM)
+    assert_update(before, model[0].weight, expected)
+
+
+# --- 5: threads ---------------------------------------------------------------------------------
+
+
+def test_passes_from_several_threads_all_count() -> None:
+    model = token_net(n=6)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    xs = [batch((2, 2, 6), seed) for seed in range(24)]
+    before = model[0].weight.detach().clone()
+    expected_raw = raw_grad(model, lambda m: sum(loss(m(x)) for x in xs), "0")  # type: ignore[arg-type, return-value]
+    barrier = threading.Barrier(4)
+
+    def work(part: list[Tensor]) -> None:
+        barrier.wait()
+        for x in part:
+            loss(model(x)).backward()
+
+    threads = [threading.Thread(target=work, args=(xs[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    opt.step()
+    expected = precondition_reference(rows_of(model[0], xs), expected_raw, LAM)
+    assert_update(before, model[0].weight, expected)
+
+
+# --- 6: autograd.grad accumulation, .grad set by hand --------------------------------------------
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_autograd_grad_accumulation_then_grad_by_hand(compiled: bool) -> None:
+    model = conv_net()
+    run = maybe_compile(model, compiled)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    xs = [batch((2, 3, 4, 4), seed) for seed in (1, 2, 3)]
+    params = list(model.parameters())
+    before = model[0].weight.detach().clone()
+    expected_raw = raw_grad(model, lambda m: sum(loss(m(x)) for x in xs), "0")  # type: ignore[arg-type, return-value]
+    total = [torch.zeros_like(p) for p in params]
+    for x in xs:
+        for t, g in zip(total, torch.autograd.grad(loss(run(x)), params), strict=True):
+            t.add_(g)
+    for p, t in zip(params, total, strict=True):
+        p.grad = t
+    opt.step()
+    expected = precondition_reference(rows_of(model[0], xs), expected_raw, LAM)
+    assert_update(before, model[0].weight, expected)
+
+
+# --- 8: no O(n²) memory up front or when r < n ----------------------------------------------------
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_n_squared_memory_at_construction_or_when_rows_are_few() -> None:
+    n = 4096
+    layer = nn.Linear(n, 10)
+    with _LargestAllocation() as mode:
+        opt = TrActOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), layer, LAM)
+    assert mode.largest < n  # nothing proportional to n, let alone n²
+    x = batch((8, n), 1)
+    before = layer.weight.detach().clone()
+    expected_raw = raw_grad(layer, lambda m: loss(m(x)), "")
+    with _LargestAllocation() as mode:
+        loss(layer(x)).backward()
+        opt.step()
+    assert mode.largest <= 10 * n  # rows (8 × n) and the gradient (10 × n); no n × n
+    expected = precondition_reference(rows_of(layer, [x]), expected_raw, LAM)
+    assert_update(before, layer.weight, expected)
+
+
+# --- 9: forward passes without backward hold nothing ---------------------------------------------
+
+
+def _gram_sized_tensors(n: int) -> int:
+    gc.collect()
+    return sum(
+        1
+        for obj in gc.get_objects()
+        if isinstance(obj, Tensor) and obj.numel() == n * n and obj.dim() == 3
+    )
+
+
+def test_passes_without_backward_hold_no_statistics_once_outputs_are_freed() -> None:
+    model = conv_net()
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    n = 27
+    baseline = _gram_sized_tensors(n)
+    x = batch((4, 3, 4, 4), 1)  # 64 rows ≥ 27: a Gram per pass
+    for _ in range(1000):
+        out = model(x)
+    assert _gram_sized_tensors(n) - baseline <= 1  # the last pass's, still alive with ``out``
+    del out
+    assert _gram_sized_tensors(n) == baseline
+    # ... and the next step uses only the passes that were backpropagated.
+    before = model[0].weight.detach().clone()
+    x2 = batch((2, 3, 4, 4), 2)
+    expected_raw = raw_grad(model, lambda m: loss(m(x2)), "0")
+    loss(model(x2)).backward()
+    opt.step()
+    expected = precondition_reference(rows_of(model[0], [x2]), expected_raw, LAM)
+    assert_update(before, model[0].weight, expected)
+
+
+# --- 10: keyword call ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_keyword_input_call(compiled: bool) -> None:
+    layer = nn.Linear(6, 4)
+
+    def forward(x: Tensor) -> Tensor:
+        return layer(input=x)
+
+    run = torch.compile(forward, backend="aot_eager", fullgraph=True) if compiled else forward
+    torch._dynamo.reset()
+    opt = TrActOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), layer, LAM)
+    x = batch((12, 6), 1)
+    before = layer.weight.detach().clone()
+    expected_raw = raw_grad(layer, lambda m: loss(m(x)), "")
+    loss(run(x)).backward()
+    opt.step()
+    assert_update(
+        before, layer.weight, precondition_reference(rows_of(layer, [x]), expected_raw, LAM)
+    )
+
+
+# --- 11: two optimizers on one layer ------------------------------------------------------------
+
+
+def test_second_optimizer_takes_over_and_the_first_refuses_to_step() -> None:
+    model = conv_net()
+    old = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    with pytest.warns(UserWarning, match="already preconditioned by another TrActOptimizer"):
+        new = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    x = batch((2, 3, 4, 4), 1)
+    before = model[0].weight.detach().clone()
+    expected_raw = raw_grad(model, lambda m: loss(m(x)), "0")
+    loss(model(x)).backward()
+    with pytest.raises(RuntimeError, match=r"first_layer\[0\].*newer TrActOptimizer took over"):
+        old.step()
+    assert torch.equal(model[0].weight, before)
+    new.step()
+    expected = precondition_reference(rows_of(model[0], [x]), expected_raw, LAM)
+    assert_update(before, model[0].weight, expected)  # G·M⁻¹, not G·M⁻²
+
+
+# --- 12: varying input sizes under compile ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["conv", "tokens"])
+def test_varying_batch_sizes_cost_at_most_one_more_graph(kind: str) -> None:
+    graphs = []
+    for with_tract in (False, True):
+        torch._dynamo.reset()
+        model = conv_net() if kind == "conv" else token_net(n=24)
+        backend = CountingBackend()
+        run = torch.compile(model, backend=backend)
+        opt = (
+            TrActOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model[0])
+            if with_tract
+            else None
+        )
+        for size in range(1, 11):
+            shape = (size, 3, 4, 4) if kind == "conv" else (size, 2, 24)
+            loss(run(batch(shape, size))).backward()
+            if opt is not None:
+                opt.step()
+            model.zero_grad()
+        graphs.append(backend.graphs)
+    plain, tract = graphs
+    assert tract <= plain + 1, graphs
+
+
+# --- 13: in-place ops on the layer's output -------------------------------------------------------
+
+
+class PosEmbed(nn.Module):
+    """naflexvit-style: a Linear patch embedding, then ``x.add_(pos)`` on its 3-D output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(12, 6)
+        self.pos = nn.Parameter(torch.randn(4, 6))
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.proj(x)
+        z.add_(self.pos)
+        return self.head(z.flatten(1))  # type: ignore[no-any-return]
+
+
+def inplace_relu_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(64, 3)
+    )
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("kind", ["pos_add_", "relu_inplace"])
+def test_inplace_op_on_output(kind: str, compiled: bool) -> None:
+    model: nn.Module = PosEmbed() if kind == "pos_add_" else inplace_relu_net()
+    first = "proj" if kind == "pos_add_" else "0"
+    layer = model.get_submodule(first)
+    run = maybe_compile(model, compiled)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), layer, LAM)
+    x = batch((2, 4, 12), 1) if kind == "pos_add_" else batch((2, 3, 4, 4), 1)
+    before = layer.weight.detach().clone()
+    expected_raw = raw_grad(model, lambda m: loss(m(x)), first)
+    loss(run(x)).backward()
+    opt.step()
+    expected = precondition_reference(rows_of(layer, [x]), expected_raw, LAM)
+    assert_update(before, layer.weight, expected)
