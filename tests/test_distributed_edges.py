@@ -1,0 +1,80 @@
+"""DDP edge cases: a rank with an empty batch, and a rank whose forward skips the first layer.
+
+The "gradient without statistics" check runs on the *global* statistics, after the all-reduce:
+a rank that saw no rows still holds the averaged gradient, and must precondition it with the
+other ranks' statistics rather than raise. Two gloo processes on 127.0.0.1; the reference is
+float64 TrAct (``_stack.precondition_reference``) of rank 0's rows and the DDP-averaged gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _stack import precondition_reference, run_workers
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from tract_optim import TrActOptimizer
+
+pytestmark = pytest.mark.slow
+
+LAM = 0.1
+RTOL = 1e-4
+
+
+class Net(nn.Module):
+    """A conv first layer and a head; ``skip=True`` bypasses the first layer (unused on a rank)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, skip: bool = False) -> Tensor:
+        features = x.mean(dim=(2, 3)).repeat(1, 2)[:, :4] if skip else self.conv(x).mean((2, 3))
+        return self.head(torch.tanh(features))  # type: ignore[no-any-return]
+
+
+def rank0_batch() -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(3, 3, 5, 5, generator=gen), torch.randint(0, 3, (3,), generator=gen)
+
+
+def loss_of(out: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(out, labels, reduction="sum") / 3  # the global batch has 3 images
+
+
+def worker(rank: int, world: int) -> dict[str, Tensor]:
+    out = {}
+    for case in ("empty", "unused"):
+        model = Net()
+        ddp = DistributedDataParallel(model, find_unused_parameters=case == "unused")
+        opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.conv, LAM)
+        x, y = rank0_batch()
+        if rank == 1:
+            x, y = (x[:0], y[:0]) if case == "empty" else (x, y)
+        loss_of(ddp(x, skip=rank == 1 and case == "unused"), y).backward()
+        opt.step()
+        out[case] = model.conv.weight.detach().clone()
+    return out
+
+
+def test_empty_or_first_layer_free_rank_uses_the_global_statistics() -> None:
+    results: list[dict[str, Any]] = run_workers(worker, world=2, timeout=180)
+    model = Net()
+    x, y = rank0_batch()
+    loss_of(model(x), y).backward()
+    assert model.conv.weight.grad is not None
+    grad = model.conv.weight.grad.double() / 2  # DDP averages over the 2 ranks
+    cols = F.unfold(x.double(), 3, padding=1)
+    rows = cols.transpose(1, 2).reshape(1, -1, cols.shape[1])
+    expected = model.conv.weight.detach().double() - precondition_reference(rows, grad, LAM)
+    scale = float((expected - model.conv.weight.detach().double()).abs().max())
+    for case in ("empty", "unused"):
+        for rank, result in enumerate(results):
+            err = float((result[case].double() - expected).abs().max()) / scale
+            assert err < RTOL, (case, rank, err)
