@@ -1,16 +1,16 @@
 """TrAct with ``torch.compile``: one graph, the same training as eager, never silently off.
 
-Inside a compiled region the capture hook takes a traceable form (``LayerCapture.
-record_compiled``): Dynamo compiles it into the model's graph, without a graph break, so the
-whole model compiles, ``fullgraph=True`` included. (Before, the hook broke the graph, and in an
+Inside a compiled region the capture hook is traced into the model's graph, without a graph
+break, and the backward hook that folds the statistics calls the same Python code through a
+custom op, so the whole model compiles, ``fullgraph=True`` included. (Before, the hook broke the graph, and in an
 ``nn.Sequential``, e.g. torchvision ConvNeXt's ``features``, everything after the first layer ran
 uncompiled, since Dynamo does not resume torch.nn frames after a graph break.)
 
 The tests use a backend that counts how often Dynamo hands it a graph (each hand-over is one
 compilation) and delegates to ``aot_eager``, so AOTAutograd's compiled forward and backward run
 without the cost of Inductor's C++ compilation (~30 s on 2 CPU cores). Measured over 10 steps:
-one compilation, none after; parameters equal to eager bit for bit for the convolutions, within
-1.2e-6 for the Linear (eager solves it in Woodbury form from the rows, compiled from the Gram).
+one compilation, none after; parameters equal to eager up to float rounding (both modes record
+the same statistics: rows for the Linear, a Gram for the convolutions).
 """
 
 from __future__ import annotations
@@ -160,16 +160,15 @@ def test_compile_wrapper_created_before_optimizer_works() -> None:
 
 
 def test_optimizer_created_after_compiled_calls_is_never_silent() -> None:
+    """Dynamo does not guard on module hooks (``skip_nnmodule_hook_guards``): a graph compiled
+    before the optimizer existed never runs its hooks, and ``step()`` says so."""
     model = make("conv")
     compiled = torch.compile(model, backend=CountingBackend())
     x, y = batches("conv")[0]
     F.cross_entropy(compiled(x), y).backward()  # compiles without the hook
     model.zero_grad()
     opt = optimizer(model)
-    try:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"torch\.compile'd before TrActOptimizer was created"):
         train(opt, compiled, "conv")
-    except RuntimeError as err:
-        assert "torch.compile" in str(err)
-        return
-    # If the compiled graph did pick the hook up, training must be TrAct's.
-    assert max_abs_diff(model.state_dict(), eager_params("conv")) < TOL
+    assert max_abs_diff(model.state_dict(), before) == 0
