@@ -2,9 +2,9 @@
 
 Inside a compiled region the capture hook is traced into the model's graph, without a graph
 break, and the backward hook that folds the statistics calls the same Python code through a
-custom op, so the whole model compiles, ``fullgraph=True`` included. (Before, the hook broke the graph, and in an
-``nn.Sequential``, e.g. torchvision ConvNeXt's ``features``, everything after the first layer ran
-uncompiled, since Dynamo does not resume torch.nn frames after a graph break.)
+custom op, so the whole model compiles, ``fullgraph=True`` included. (With a hook that broke
+the graph, everything after the first layer of an ``nn.Sequential``, e.g. torchvision
+ConvNeXt's ``features``, would run uncompiled: Dynamo does not resume torch.nn frames.)
 
 The tests use a backend that counts how often Dynamo hands it a graph (each hand-over is one
 compilation) and delegates to ``aot_eager``, so AOTAutograd's compiled forward and backward run
