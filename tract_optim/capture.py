@@ -166,6 +166,7 @@ class LayerCapture:
         """Reduce one forward pass's input to statistics and wait for its backward."""
         if not self._trained(output):
             return
+        unfold.check_pass(self.layer, x, output)
         if self._consumed is not None and self.weight.grad is None and _clearable(self.weight):
             # The gradients those statistics belong to were cleared without opt.zero_grad()
             # (e.g. model.zero_grad() after a step that GradScaler skipped): drop them too.
@@ -192,6 +193,7 @@ class LayerCapture:
         """
         if not self._trained(output):
             return
+        unfold.check_pass(self.layer, x, output)
         x = x.detach()
         count = unfold.row_count(self.layer, x)
         if count == 0:
