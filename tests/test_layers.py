@@ -306,3 +306,29 @@ def test_any_optimizer_requiring_a_closure_is_refused_and_optional_ones_accepted
     with pytest.raises(TypeError, match=r"optimizer\[1\]: SharpnessAware\.step\(\) requires"):
         TrActOptimizer([sgd, SharpnessAware(nn.Linear(2, 2).parameters(), lr=0.1)], layer)
     TrActOptimizer(OptionalClosure(layer.parameters(), lr=0.1), layer).remove()
+
+
+# --- under torch.compile ---------------------------------------------------------------------
+
+
+def test_conv2d_same_compiles_in_one_graph_and_trains_as_eager() -> None:
+    """The TF-SAME padding depends on the input size: it must trace (fullgraph, sizes that
+    change between steps) and give eager's weights."""
+
+    def train(compiled: bool) -> Tensor:
+        torch.manual_seed(0)
+        stem = timm_like.Conv2dSame(3, 4, 3, stride=2, bias=False)
+        model = nn.Sequential(
+            stem, nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+        )
+        opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), stem)
+        forward = torch.compile(model, backend="eager", fullgraph=True) if compiled else model
+        for size in (15, 16, 21):
+            x = torch.randn(4, 3, size, size + 1)
+            opt.zero_grad()
+            F.cross_entropy(forward(x), torch.randint(0, 3, (4,))).backward()
+            opt.step()
+        return stem.weight.detach().clone()
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(train(compiled=True), train(compiled=False))
