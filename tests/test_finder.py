@@ -7,19 +7,24 @@ input), never taken from the finder itself.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import timm_like
 import torch
 import torch.nn.functional as F
+from _update_check import assert_tract_update, tract_gradient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from tract_optim import find_first_layer
+from tract_optim import find_first_layer, find_first_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import models
+
+ReferenceRows = Callable[[nn.Module, Tensor], Tensor]
 
 
 class TorchvisionResNetStem(nn.Module):
@@ -240,3 +245,61 @@ def test_constant_or_non_tensor_input_is_rejected() -> None:
         find_first_layer(nn.Conv2d(3, 4, 3), torch.zeros(2, 3, 8, 8))
     with pytest.raises(TypeError, match="Tensor"):
         find_first_layer(nn.Conv2d(3, 4, 3), ["not a tensor"])
+
+
+# --- find_first_layers: parallel first layers ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: timm_like.RepVggStem(),
+        lambda: timm_like.RepVggStem(kxk_branches=3),  # MobileOne's over-parameterised stem
+        lambda: timm_like.TwoPatchEmbeddings(),
+    ],
+    ids=["repvgg", "mobileone", "two-patch-embeddings"],
+)
+def test_parallel_first_layers_are_all_found_and_preconditioned(
+    build: Callable[[], timm_like.RepVggStem | timm_like.TwoPatchEmbeddings],
+    reference_rows: ReferenceRows,
+) -> None:
+    """Every branch reading the raw input is found, in call order, and each gets its own
+    update: Eq. 10 with its own rows, as if it were the only first layer."""
+    torch.manual_seed(0)
+    model = build()
+    x = _images(4, 3, 16)
+    found = find_first_layers(model, x)
+    expected = model.first_layers()
+    assert len(found) == len(expected) and all(a is b for a, b in zip(found, expected, strict=True))
+    assert find_first_layer(model, x) is expected[0]
+    raw, tract = tract_gradient(found, model, x, 0.1)
+    for layer, g, t in zip(found, raw, tract, strict=True):
+        assert_tract_update(t, g, reference_rows(layer, x), 0.1)
+
+
+def test_find_first_layers_lists_a_layer_once_and_skips_transformed_inputs() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.normalised = nn.Conv2d(3, 4, 3)
+            self.b = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.a(x) + self.normalised(2 * x - 1)[..., :6, :6]
+            return y + self.a(x) + self.b(x)[..., 1:-1, 1:-1]
+
+    model = Model()
+    assert find_first_layers(model, _images(2, 3, 8)) == [model.a, model.b]
+
+
+def test_conv2d_same_receives_the_raw_input() -> None:
+    """timm's Conv2dSame pads inside its forward, so the finder sees it take the raw input."""
+    stem = timm_like.Conv2dSame(3, 4, 3, stride=2)
+    model = nn.Sequential(stem, nn.ReLU(), nn.Conv2d(4, 4, 3))
+    assert find_first_layers(model, _images()) == [stem]
+
+
+def test_find_first_layers_error_names_itself() -> None:
+    with pytest.raises(ValueError, match=r"find_first_layers: the forward pass called no"):
+        find_first_layers(nn.Sequential(nn.Flatten(), nn.ReLU()), _images())

@@ -8,9 +8,11 @@ the same rows entry for entry, and BackPACK's check that the rows times the flat
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
+import timm_like
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -237,3 +239,130 @@ def test_geometry_of_grouped_conv() -> None:
     """n = in_channels/groups · prod(kernel); one Gram per group."""
     geo = unfold.geometry(nn.Conv3d(6, 9, (2, 3, 4), groups=3))
     assert (geo.groups, geo.n, geo.out_features, geo.out_per_group) == (3, 2 * 24, 9, 3)
+
+
+# --- layers that pad inside forward (timm's Conv2dSame, TF "SAME") -----------------------------
+
+
+def draw_conv2d_same(data: st.DataObject) -> tuple[nn.Conv2d, Tensor]:
+    """A timm-like ``Conv2dSame`` and an input: kernel, stride, dilation, groups, sizes, layout."""
+    torch.manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    pair = st.tuples(st.integers(1, 4), st.integers(1, 4))
+    groups = data.draw(st.integers(1, 2), label="groups")
+    layer = timm_like.Conv2dSame(
+        groups * data.draw(st.integers(1, 2), label="in per group"),
+        groups * data.draw(st.integers(1, 2), label="out per group"),
+        data.draw(pair, label="kernel"),
+        stride=data.draw(pair, label="stride"),
+        dilation=data.draw(st.tuples(st.integers(1, 2), st.integers(1, 2)), label="dilation"),
+        groups=groups,
+        bias=data.draw(st.booleans(), label="bias"),
+    )
+    size = data.draw(st.tuples(st.integers(1, 12), st.integers(1, 12)), label="size")
+    batch = data.draw(st.integers(0, 3), label="batch (0: unbatched)")
+    shape = [layer.in_channels, *size] if batch == 0 else [batch, layer.in_channels, *size]
+    x = torch.randn(*shape)
+    if data.draw(st.booleans(), label="channels_last") and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return layer, x
+
+
+def padded_reference(layer: nn.Conv2d, x: Tensor) -> tuple[nn.Conv2d, Tensor]:
+    """A plain Conv2d (padding 0, same weights) and the input padded by timm's own formula."""
+    plain = nn.Conv2d(
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        0,
+        layer.dilation,
+        layer.groups,
+        layer.bias is not None,
+    )
+    plain.load_state_dict(layer.state_dict())
+    return plain, timm_like.pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
+
+
+@SETTINGS
+@given(data=st.data(), chunk_bytes=st.sampled_from([1, 300, unfold.DEFAULT_CHUNK_BYTES]))
+def test_conv2d_same_rows_are_those_of_the_padded_input(
+    data: st.DataObject, chunk_bytes: int, reference_rows: ReferenceRows
+) -> None:
+    """Rows, Gram and count are those of the TF-SAME padded input, and rebuild the layer's output.
+
+    Three independent references: the one-hot unfold of the input padded by timm's formula, the
+    layer's own output (no padding arithmetic), and TF's definition of SAME: ⌈size/stride⌉
+    output positions per dim.
+    """
+    layer, x = draw_conv2d_same(data)
+    plain, xpad = padded_reference(layer, x)
+    got = unfold.rows(layer, x)
+    ref = reference_rows(plain, xpad)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=0)
+    torch.testing.assert_close(rebuilt_output(layer, got), layer_output_rows(layer, x))
+    batch = x.shape[0] if x.dim() == 4 else 1
+    positions = math.prod(math.ceil(i / s) for i, s in zip(x.shape[-2:], layer.stride, strict=True))
+    assert unfold.row_count(layer, x) == ref.shape[1] == batch * positions
+    assert_gram_close(unfold.gram(layer, x, chunk_bytes=chunk_bytes), ref)
+    with torch.no_grad():
+        unfold.check_pass(layer, x, layer(x))
+
+
+def test_conv2d_same_stem_is_not_a_valid_convolution(reference_rows: ReferenceRows) -> None:
+    """tf_efficientnet's stem (3×3/2) on 32×32: 16×16 positions with one zero row/column at the
+    bottom/right, where the layer's padding attribute alone (0) would give 15×15."""
+    torch.manual_seed(0)
+    layer = timm_like.Conv2dSame(3, 8, 3, stride=2, bias=False)
+    x = torch.randn(2, 3, 32, 32)
+    rows = unfold.rows(layer, x)
+    assert rows.shape == (1, 2 * 16 * 16, 27)
+    valid = nn.Conv2d(3, 8, 3, stride=2, bias=False)
+    assert unfold.row_count(valid, x) == 2 * 15 * 15
+    # TF pads 0 before and 1 after: windows start at 0, 2, ..., 30; the last reads a zero.
+    windows = rows[0].reshape(2, 16, 16, 3, 3, 3)
+    assert torch.equal(windows[:, 0, 0], x[:, :, 0:3, 0:3])
+    assert not windows[:, -1, :, :, 2].any() and not windows[:, :, -1, :, :, 2].any()
+
+
+def test_same_named_class_outside_timm_pads_by_its_attributes() -> None:
+    """Only timm's class is taken to pad TF-SAME; a copy elsewhere is not (and is refused)."""
+
+    class Conv2dSame(timm_like.Conv2dSame):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x)
+
+    layer = Conv2dSame(3, 4, 3, stride=2)
+    x = torch.randn(1, 3, 8, 8)
+    assert unfold.row_count(layer, x) == 3 * 3
+    assert unfold.row_count(timm_like.Conv2dSame(3, 4, 3, stride=2), x) == 4 * 4
+
+
+# --- check_pass: one output position per row --------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_check_pass_accepts_every_plain_layer(data: st.DataObject, draw_conv: DrawConv) -> None:
+    """Never a false alarm: any Conv1d/2d/3d configuration's own output passes."""
+    layer, x = draw_conv(data)
+    with torch.no_grad():
+        unfold.check_pass(layer, x, layer(x))
+    linear = nn.Linear(3, 2)
+    unfold.check_pass(linear, torch.randn(2, 4, 3), linear(torch.randn(2, 4, 3)))
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "output"),
+    [
+        (nn.Conv2d(3, 4, 3, stride=2), (2, 3, 8, 8), (2, 4, 4, 4)),  # padded inside forward
+        (nn.Conv2d(3, 4, 3), (2, 3, 8, 8), (2, 4, 6, 5)),  # one column cropped
+        (nn.Conv2d(3, 4, 3), (2, 3, 8, 8), (2, 4, 36)),  # flattened: same count, wrong shape
+        (nn.Conv1d(3, 4, 3), (3, 9), (1, 4, 7)),  # a batch dim added to unbatched input
+        (nn.Linear(3, 4), (2, 5, 3), (10, 4)),
+    ],
+)
+def test_check_pass_rejects_other_output_shapes(
+    layer: nn.Module, shape: tuple[int, ...], output: tuple[int, ...]
+) -> None:
+    with pytest.raises(RuntimeError, match=rf"{type(layer).__name__} \(weight .*output of shape"):
+        unfold.check_pass(layer, torch.randn(*shape), torch.zeros(output))

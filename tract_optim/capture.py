@@ -209,6 +209,7 @@ class LayerCapture:
         if not self._trained(output):
             return
         assert isinstance(output, Tensor)
+        unfold.check_pass(self.layer, x, output)
         x = x.detach()
         count = unfold.row_count(self.layer, x)
         if count == 0:

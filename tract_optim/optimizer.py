@@ -8,6 +8,7 @@ as usual. The model and its graph are never modified.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import distributed, solve, unfold
+from . import layers as layers_
 from .capture import LayerCapture
 from .statistics import Stats
 
@@ -45,20 +47,42 @@ def _as_optimizers(optimizer: Optimizer | Sequence[Optimizer]) -> list[Optimizer
             raise TypeError(f"optimizer[{i}] is already a TrActOptimizer; wrap the inner one once")
         if not isinstance(opt, Optimizer):
             raise TypeError(f"optimizer[{i}] must be a torch.optim.Optimizer, got {type(opt)}")
+        if _requires_closure(opt):
+            raise TypeError(
+                f"optimizer[{i}]: {type(opt).__name__}.step() requires a closure, which it "
+                "may re-evaluate (LBFGS does, in its line search). TrAct preconditions "
+                "the first layer's gradient once per step, so the gradients of those "
+                "re-evaluations would be raw, and a line search or curvature estimate needs the "
+                "true gradient of the loss, which the TrAct gradient is not. Use a first-order "
+                "optimizer (SGD, Adam, ...) inside TrActOptimizer."
+            )
     return inner
 
 
-def _as_layers(first_layer: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+def _requires_closure(opt: Optimizer) -> bool:
+    """Whether ``opt.step`` declares a closure without a default (it re-evaluates the loss)."""
+    try:
+        closure = inspect.signature(opt.step).parameters.get("closure")
+    except (TypeError, ValueError):  # a step that cannot be introspected (e.g. a C function)
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _as_layers(
+    first_layer: nn.Module | Sequence[nn.Module], trusted_layers: Sequence[type[nn.Module]]
+) -> list[nn.Module]:
     layers = [first_layer] if isinstance(first_layer, nn.Module) else list(first_layer)
     if not layers:
         raise ValueError("first_layer: give a layer or a non-empty sequence of layers")
     names = ", ".join(f"nn.{t.__name__}" for t in unfold.SUPPORTED_LAYERS)
+    trusted = layers_.check_trusted(trusted_layers)
     for i, layer in enumerate(layers):
         if not isinstance(layer, unfold.SUPPORTED_LAYERS):
             raise TypeError(
                 f"first_layer[{i}] is a {type(layer).__name__}; TrAct supports {names}. "
                 "Pass the module that first multiplies the raw input (e.g. model.conv1)."
             )
+        layers_.check(layer, f"first_layer[{i}]", trusted)
         if any(layer is other for other in layers[:i]):
             raise ValueError(f"first_layer[{i}] appears twice; give each layer once")
     return layers
@@ -85,7 +109,10 @@ class TrActOptimizer(Optimizer):
         optimizer: a torch optimizer, or a sequence of them stepped together (e.g. SGD for the
             first layer and Adam for the rest). It must hold every first layer's weight.
         first_layer: the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` that
-            first multiplies the raw input, or a sequence of such layers.
+            first multiplies the raw input, or a sequence of such layers (e.g. the parallel
+            branches ``find_first_layers`` returns). A subclass that overrides ``forward`` is
+            refused with a ``TypeError`` (its z may not be W·x over the rows TrAct sees), except
+            timm's ``Conv2dSame``, whose TF-"SAME" padding is handled exactly.
         lam: TrAct's damping λ > 0 (paper default 0.1), one value or one per layer.
         solve_dtype: ``None`` (default: fp32, or fp64 for fp64 gradients), ``torch.float32`` or
             ``torch.float64`` for the solve.
@@ -100,6 +127,11 @@ class TrActOptimizer(Optimizer):
         capturable: no host reads in ``step()`` (CUDA graphs, ``reduce-overhead``): statistics
             live in buffers allocated up front, and a layer whose statistics are unusable gets
             a NaN gradient instead of an exception (see the README).
+        trusted_layers: subclasses of the supported layers whose own ``forward`` you vouch for:
+            TrAct treats their instances as the ``nn`` base class (statistics of the input as
+            that class would pad it; the raw weight's gradient preconditioned). For a class
+            that transforms its weight inside forward (timm's ``StdConv2d``, a QAT ``Conv2d``)
+            this applies TrAct's formula to a layer it was not derived for: your choice.
     """
 
     def __init__(
@@ -115,9 +147,10 @@ class TrActOptimizer(Optimizer):
         clip_grad_norm: float | None = None,
         clip_norm_type: float = 2.0,
         capturable: bool = False,
+        trusted_layers: Sequence[type[nn.Module]] = (),
     ) -> None:
         inner = _as_optimizers(optimizer)
-        layers = _as_layers(first_layer)
+        layers = _as_layers(first_layer, trusted_layers)
         lam_list: list[object] = [lam] * len(layers)
         if isinstance(lam, Sequence) and not isinstance(lam, str):
             lam_list = list(lam)

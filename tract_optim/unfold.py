@@ -4,7 +4,8 @@ A Linear layer's rows are its inputs with all leading dimensions flattened. A co
 are its unfolded input patches: one row per image and output position, laid out like the flattened
 weight (in_channels/groups, *kernel_size), one set of rows per group. Everything here is exact for
 every configuration the layers accept (stride, int/tuple/'same'/'valid' padding, dilation, groups,
-all padding modes) and knows nothing about optimizers or hooks.
+all padding modes, and the TF "SAME" padding timm's ``Conv2dSame`` applies inside its forward, see
+``layers.pads_tf_same``) and knows nothing about optimizers or hooks.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import gram as _gram
-
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from .layers import SUPPORTED_LAYERS as SUPPORTED_LAYERS
+from .layers import pads_tf_same
 
 #: Default bound on the bytes of unfolded rows materialised at once.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
@@ -49,14 +50,24 @@ def geometry(layer: nn.Module) -> Geometry:
     raise TypeError(f"unsupported first layer {type(layer).__name__}; supported: {names}")
 
 
-def _padding_pairs(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
-    """Padding in ``F.pad`` order (last dim first, left then right), as the layer pads."""
+def _padding_pairs(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> list[int]:
+    """Padding in ``F.pad`` order (last dim first, left then right), as the layer pads ``x``.
+
+    ``x``: an input of the layer, batched or not (only its spatial sizes matter, and only for
+    the TF "SAME" padding of ``layers.pads_tf_same``, which depends on them).
+    """
     dims = len(conv.kernel_size)
     if conv.padding == "valid":
         return [0, 0] * dims
+    tf_same = pads_tf_same(conv)
     pairs: list[int] = []
     for i in reversed(range(dims)):
-        if conv.padding == "same":
+        if tf_same:
+            size, stride = x.shape[x.dim() - dims + i], conv.stride[i]
+            span = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+            total = max((-(-size // stride) - 1) * stride + span - size, 0)
+            pairs += [total // 2, total - total // 2]
+        elif conv.padding == "same":
             total = conv.dilation[i] * (conv.kernel_size[i] - 1)
             pairs += [total // 2, total - total // 2]
         else:
@@ -67,18 +78,18 @@ def _padding_pairs(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
 
 
 def _pad(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
-    pairs = _padding_pairs(conv)
+    pairs = _padding_pairs(conv, x)
     if not any(pairs):
         return x
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     return F.pad(x, pairs, mode=mode)
 
 
-def _is_patch_embedding(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> bool:
-    """Stride = kernel, no padding, no dilation: non-overlapping windows, a pure reshape."""
+def _is_patch_embedding(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> bool:
+    """Stride = kernel, no padding of ``x``, no dilation: non-overlapping windows, a reshape."""
     return (
         tuple(conv.stride) == tuple(conv.kernel_size)
-        and not any(_padding_pairs(conv))
+        and not any(_padding_pairs(conv, x))
         and all(d == 1 for d in conv.dilation)
     )
 
@@ -87,7 +98,7 @@ def _conv_rows(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
     """Rows of a batch of (already batched) inputs, shape (groups, B·positions, n)."""
     dims = len(conv.kernel_size)
     batch, channels = x.shape[0], x.shape[1]
-    if _is_patch_embedding(conv):
+    if _is_patch_embedding(conv, x):
         # Crop the remainder the convolution ignores, then split every spatial dim into
         # (positions, kernel): a view; the reshape below is the only copy.
         for i, k in enumerate(conv.kernel_size):
@@ -136,6 +147,18 @@ def rows(layer: nn.Module, x: Tensor) -> Tensor:
     raise AssertionError("unreachable")
 
 
+def _output_sizes(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> list[int]:
+    """Spatial sizes of the layer's output for input ``x`` (batched or not)."""
+    dims = len(conv.kernel_size)
+    pairs = _padding_pairs(conv, x)
+    out = []
+    for i in range(dims):
+        left, right = pairs[2 * (dims - 1 - i)], pairs[2 * (dims - 1 - i) + 1]
+        span = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+        out.append((x.shape[x.dim() - dims + i] + left + right - span) // conv.stride[i] + 1)
+    return out
+
+
 def row_count(layer: nn.Module, x: Tensor) -> int:
     """Number of rows ``r`` an input contributes (batch × output positions)."""
     if isinstance(layer, nn.Linear):
@@ -143,14 +166,32 @@ def row_count(layer: nn.Module, x: Tensor) -> int:
     conv = layer
     assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     xb = batched_input(conv, x)
-    pairs = _padding_pairs(conv)
-    count = xb.shape[0]
-    for i in range(len(conv.kernel_size)):
-        size = xb.shape[2 + i] + pairs[2 * (len(conv.kernel_size) - 1 - i)]
-        size += pairs[2 * (len(conv.kernel_size) - 1 - i) + 1]
-        span = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
-        count *= (size - span) // conv.stride[i] + 1
-    return count
+    return xb.shape[0] * math.prod(_output_sizes(conv, xb))
+
+
+def check_pass(layer: nn.Module, x: Tensor, output: Tensor) -> None:
+    """Raise unless ``output`` has the shape of the rows TrAct builds from ``x`` (shapes only).
+
+    One output position per row, ``geometry(layer).out_features`` values each: a layer that
+    pads, crops or reshapes inside its forward differently from what ``rows`` assumes (e.g. a
+    subclass passed in ``trusted_layers``) is caught here instead of giving wrong statistics.
+    """
+    if isinstance(layer, nn.Linear):
+        expected = (*x.shape[:-1], layer.out_features)
+    else:
+        assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        expected = (*x.shape[: x.dim() - len(layer.kernel_size) - 1], layer.out_channels)
+        expected += tuple(_output_sizes(layer, x))
+    if tuple(output.shape) != expected:
+        weight = tuple(layer.weight.shape)
+        raise RuntimeError(
+            f"first layer {type(layer).__name__} (weight {weight}) turned an input of shape "
+            f"{tuple(x.shape)} into an output of shape {tuple(output.shape)}, but the rows "
+            f"TrAct builds from that input (with the layer's padding, stride and dilation) "
+            f"give {expected}: its forward pads, crops or reshapes differently, so this "
+            "pass's statistics would be wrong. Pass a plain nn layer (or one whose forward "
+            "computes exactly what its nn base class computes) as the first layer."
+        )
 
 
 def gram(
@@ -174,7 +215,7 @@ def gram(
                 _gram.add_upper_(out, flat[None, part].to(dtype))
             return _gram.mirror_upper(out)
         xb = batched_input(layer, x)
-        if _uses_conv2d_kernel(layer):
+        if _uses_conv2d_kernel(layer, xb):
             _conv2d_gram_into(out, layer, xb, chunk_bytes, dtype)
             return out
         per_image = max(1, row_count(layer, xb[:1])) * geo.n * geo.groups * 4
@@ -195,12 +236,12 @@ def _chunks(total: int, step: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, total, step)]
 
 
-def _uses_conv2d_kernel(layer: nn.Module) -> TypeGuard[nn.Conv2d]:
+def _uses_conv2d_kernel(layer: nn.Module, x: Tensor) -> TypeGuard[nn.Conv2d]:
     """Overlapping 2-D windows without dilation: ``gram.conv2d_gram`` avoids the unfold."""
     return (
         isinstance(layer, nn.Conv2d)
         and tuple(layer.dilation) == (1, 1)
-        and not _is_patch_embedding(layer)
+        and not _is_patch_embedding(layer, x)
     )
 
 
@@ -211,7 +252,7 @@ def _conv2d_gram_into(
     kernel = (conv.kernel_size[0], conv.kernel_size[1])
     stride = (conv.stride[0], conv.stride[1])
     per_group = conv.in_channels // conv.groups
-    left, right, top, bottom = _padding_pairs(conv)
+    left, right, top, bottom = _padding_pairs(conv, xb)
     padded = (xb.shape[1], xb.shape[2] + top + bottom, xb.shape[3] + left + right)
     per_image = _gram.conv2d_gram_bytes_per_image(padded, kernel, stride)
     for images in _chunks(xb.shape[0], chunk_bytes // per_image):
