@@ -2,15 +2,15 @@
 
 One recording path, eager and compiled alike:
 
-1. The forward hook attaches the pass's input to the autograd node that produced its output (a
-   tensor hook inside ``torch.compile``, which calls the same code through a custom op). Only
-   passes that will be trained are recorded: grad enabled, the module training, its weight
-   requiring grad, the module being the very layer we were given (a ``deepcopy`` of the model,
-   e.g. an EMA copy, carries an inert copy of the hook).
-2. When backward reaches that node, the input is reduced to statistics (a copy of its rows while
-   r < n, else its Gram; fp32, fp64 for fp64 inputs, autocast off) and folded into the layer's
-   accumulator. A pass that is never backpropagated is never counted, and nothing of it outlives
-   its graph; the input was kept by autograd for the weight's gradient anyway.
+1. The forward hook reduces the pass's input to statistics (a copy of its rows while r < n, else
+   its Gram), in fp32 (fp64 for fp64 inputs) with autocast off. Only passes that will be
+   trained are recorded: grad enabled, the module training, its weight requiring grad, the
+   module being the very layer we were given (a ``deepcopy`` of the model, e.g. an EMA copy,
+   carries an inert copy of the hook).
+2. The statistics ride on the autograd graph: a hook on the node that produced the output (a
+   tensor hook inside ``torch.compile``, which calls the same code through a custom op) folds them
+   into the layer's accumulator when backward reaches that node. A pass that is never
+   backpropagated is never counted, and its statistics are freed with its graph.
 3. Statistics belong to the gradient they were accumulated with. After each backward has
    accumulated into ``weight.grad``, the gradient's identity and version are noted. When the next
    backward reaches the layer, a gradient that was set to None, or changed in place and is now
@@ -64,26 +64,24 @@ def _fold_fake(key: int, stat: Tensor, is_rows: bool, count: int, anchor: Tensor
     return None
 
 
-def _traced_fold(capture: LayerCapture, x: Tensor, count: int, _: Tensor) -> None:
-    """The tensor hook of a compiled pass: reduce in the backward graph, fold by the custom op."""
-    stat, is_rows = capture.reduce(x, count)
-    torch.ops.tract_optim.fold(capture.key, stat, is_rows, count, capture.anchor)
+def _traced_fold(
+    key: int, stat: Tensor, is_rows: bool, count: int, anchor: Tensor, _: Tensor
+) -> None:
+    """The tensor hook of a compiled pass: call the fold through the custom op."""
+    torch.ops.tract_optim.fold(key, stat, is_rows, count, anchor)
 
 
 class _EagerFold:
-    """The node pre-hook of an eager pass: reduce and fold. Holds the capture weakly."""
+    """The node pre-hook of an eager pass: fold its statistics. Holds the capture weakly."""
 
-    def __init__(self, capture: LayerCapture, x: Tensor, count: int) -> None:
+    def __init__(self, capture: LayerCapture, stats: Stats) -> None:
         self._capture = weakref.ref(capture)
-        self._x = x
-        self._count = count
+        self._stats = stats
 
     def __call__(self, grad_outputs: Any) -> None:
         capture = self._capture()
         if capture is not None:
-            stat, is_rows = capture.reduce(self._x, self._count)
-            stats = Stats(self._count, rows=stat) if is_rows else Stats(self._count, gram=stat)
-            capture.fold(stats)
+            capture.fold(self._stats)
 
 
 class _ForwardHook:
@@ -150,10 +148,10 @@ class LayerCapture:
         # (gradient, folds so far) right after precondition_() wrote the TrAct gradient into it.
         self._marker: tuple[weakref.ref[Tensor], int] | None = None
         self._folds = 0
-        self.key = next(_KEYS)
-        self.anchor = torch.zeros(1)
-        _LIVE[self.key] = weakref.ref(self)
-        weakref.finalize(self, _LIVE.pop, self.key, None)
+        self._key = next(_KEYS)
+        self._anchor = torch.zeros(1)
+        _LIVE[self._key] = weakref.ref(self)
+        weakref.finalize(self, _LIVE.pop, self._key, None)
         self._take_over(layer)
         self._handles: list[RemovableHandle] = [
             layer.register_forward_hook(_ForwardHook(self), with_kwargs=True),
@@ -207,11 +205,7 @@ class LayerCapture:
         )
 
     def record(self, x: Tensor, output: Any) -> None:
-        """Attach one forward pass's input to its backward, where it is reduced and folded.
-
-        Reducing at backward time costs no memory (autograd keeps the input for the weight's
-        gradient anyway) and uses exactly the input that gradient is computed from.
-        """
+        """Reduce one forward pass's input to statistics and attach them to its backward."""
         if not self._trained(output):
             return
         assert isinstance(output, Tensor)
@@ -220,29 +214,28 @@ class LayerCapture:
         count = unfold.row_count(self.layer, x)
         if count == 0:
             return
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        is_rows = count < self.geometry.n and not self.static
+        if is_rows:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                # A copy: statistics never alias the caller's (possibly reused) input buffer.
+                rows = unfold.rows(self.layer, x)
+                stat = rows.to(dtype, memory_format=torch.contiguous_format, copy=True)
+        else:
+            stat = unfold.gram(self.layer, x, self.chunk_bytes, dtype)
         if torch.compiler.is_compiling():
-            hook = functools.partial(_traced_fold, self, x, count)
+            hook = functools.partial(_traced_fold, self._key, stat, is_rows, count, self._anchor)
             # The base of a view output, as in ``_producer``: in-place ops on the view rebase it.
             base = output._base
             (base if base is not None else output).register_hook(hook)  # type: ignore[no-untyped-call]
             return
         self.recorded_eagerly = True
+        stats = Stats(count=count, rows=stat) if is_rows else Stats(count=count, gram=stat)
         node = _producer(output)
         if node is None:
-            output.register_hook(_EagerFold(self, x, count))  # type: ignore[no-untyped-call]
+            output.register_hook(_EagerFold(self, stats))  # type: ignore[no-untyped-call]
         else:
-            node.register_prehook(_EagerFold(self, x, count))
-
-    def reduce(self, x: Tensor, count: int) -> tuple[Tensor, bool]:
-        """The statistics of one pass: a copy of its rows while r < n, else its Gram (fp32, or
-        fp64 for fp64 inputs, autocast off), and whether they are rows."""
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if count < self.geometry.n and not self.static:
-                # A copy: statistics never alias the caller's (possibly reused) input buffer.
-                rows = unfold.rows(self.layer, x)
-                return rows.to(dtype, memory_format=torch.contiguous_format, copy=True), True
-            return unfold.gram(self.layer, x, self.chunk_bytes, dtype), False
+            node.register_prehook(_EagerFold(self, stats))
 
     def fold(self, stats: Stats) -> None:
         """Backward reached a recorded pass: its statistics now belong to the weight's gradient."""
