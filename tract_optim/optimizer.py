@@ -8,7 +8,6 @@ as usual. The model and its graph are never modified.
 
 from __future__ import annotations
 
-import math
 from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,16 +19,9 @@ from torch.optim import Optimizer
 
 from . import distributed, solve, unfold
 from .capture import LayerCapture, Stats
+from .solve import check_lam
 
 _SOLVE_DTYPES = (torch.float32, torch.float64)
-
-
-def _check_lam(lam: object, name: str) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise TypeError(f"{name} must be a positive float, got {type(lam).__name__}")
-    if not math.isfinite(lam) or lam <= 0:
-        raise ValueError(f"{name} must be a positive finite float, got {lam}")
-    return float(lam)
 
 
 def _as_optimizers(optimizer: Optimizer | Sequence[Optimizer]) -> list[Optimizer]:
@@ -75,7 +67,9 @@ class TrActOptimizer(Optimizer):
         first_layer: the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` that
             first multiplies the raw input, or a sequence of such layers.
         lam: TrAct's damping λ > 0 (paper default 0.1), one value or one per layer.
-        solve_dtype: ``torch.float32`` (default) or ``torch.float64`` for the solve.
+        solve_dtype: ``None`` (default): float64 when rows < n (the Woodbury form, which loses
+            digits to cancellation in fp32) or when the gradient is float64, else float32;
+            ``torch.float32`` or ``torch.float64`` forces that dtype.
         chunk_bytes: bound on the bytes of unfolded input materialised at once by the hooks.
         process_group: the data-parallel group whose statistics are summed (default: the world
             group whenever torch.distributed is initialised).
@@ -88,7 +82,7 @@ class TrActOptimizer(Optimizer):
         first_layer: nn.Module | Sequence[nn.Module],
         lam: float | Sequence[float] = 0.1,
         *,
-        solve_dtype: torch.dtype = torch.float32,
+        solve_dtype: torch.dtype | None = None,
         chunk_bytes: int = unfold.DEFAULT_CHUNK_BYTES,
         process_group: dist.ProcessGroup | None = None,
         sync_statistics: bool = True,
@@ -100,10 +94,11 @@ class TrActOptimizer(Optimizer):
             lam_list = list(lam)
         if len(lam_list) != len(layers):
             raise ValueError(f"lam: got {len(lam_list)} values for {len(layers)} first layers")
-        lams = [_check_lam(value, f"lam[{i}]") for i, value in enumerate(lam_list)]
-        if solve_dtype not in _SOLVE_DTYPES:
+        lams = [check_lam(value, f"lam[{i}]") for i, value in enumerate(lam_list)]
+        if solve_dtype is not None and solve_dtype not in _SOLVE_DTYPES:
             raise ValueError(
-                f"solve_dtype must be torch.float32 or torch.float64, got {solve_dtype}"
+                f"solve_dtype must be torch.float32 or torch.float64, got {solve_dtype} "
+                "(or None: chosen per layer and step)"
             )
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
@@ -172,7 +167,7 @@ class TrActOptimizer(Optimizer):
 
     def set_lam(self, lam: float, layer: int | nn.Module | None = None) -> None:
         """Change λ between steps, for one layer (index or module) or for all (``None``)."""
-        value = _check_lam(lam, "lam")
+        value = check_lam(lam, "lam")
         if layer is None:
             self._lams = [value] * len(self._lams)
             return
@@ -252,10 +247,11 @@ class TrActOptimizer(Optimizer):
         """The TrAct gradient of this rank's rows of ``grad``, as (rows, n) in grad's dtype."""
         what = _describe(index, capture.layer)
         lam = self._lams[index]
+        dtype = solve.resolve_dtype(self._solve_dtype, grad.dtype, woodbury=s.rows is not None)
         if s.rows is not None:
-            factor = solve.factor_woodbury(s.rows, lam, self._solve_dtype, what)
+            factor = solve.factor_woodbury(s.rows, lam, dtype, what, inputs=grad.dtype)
         else:
-            factor = solve.factor_direct(s.to_gram(), s.count, lam, self._solve_dtype, what)
+            factor = solve.factor_direct(s.to_gram(), s.count, lam, dtype, what)
         local, offset = distributed.local_rows(grad)
         geo = capture.geometry
         flat = local.reshape(local.shape[0], geo.n)
@@ -311,8 +307,7 @@ class TrActOptimizer(Optimizer):
         tract = sd.get("tract")
         if tract is not None:
             lams = [
-                _check_lam(v, f"state_dict['tract']['lam'][{i}]")
-                for i, v in enumerate(tract["lam"])
+                check_lam(v, f"state_dict['tract']['lam'][{i}]") for i, v in enumerate(tract["lam"])
             ]
             if len(lams) != len(self._lams):
                 raise ValueError(
