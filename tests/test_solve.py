@@ -291,6 +291,13 @@ def test_fp32_woodbury_warns_and_suggests_float64() -> None:
     assert len(found) == 1 and "solve_dtype" not in found[0]
 
 
+def test_extreme_condition_warns_with_its_size() -> None:
+    """cond(M) = 1e60 (beyond float32) is reported, not overflowed into a crash."""
+    grams = torch.diag(torch.tensor([1e30, 0.0]))[None]
+    found = warnings_of(partial(solve.factor_direct, grams, 1, 1e-30, torch.float32, "L2"))
+    assert len(found) == 1 and "condition number ~1e+60" in found[0]
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**16),

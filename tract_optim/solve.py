@@ -179,28 +179,33 @@ def _inspect(
     """The one host read of a factorisation: (matrix finite, factorisation succeeded, an estimate
     of cond(M) for M = xᵀx/r + λI, the largest over groups).
 
-    λ_max(M) comes from power iteration on ``matrix``; λ_min(M) from inverse iteration with the
-    factor (direct form) or is λ itself (Woodbury form: M has eigenvalue λ outside the r rows'
-    span). Both iterations approach from inside, so the estimate never exceeds cond(M).
+    λ_max(M) comes from power iteration on ``matrix`` (which shares it in both forms), λ_min(M)
+    from inverse iteration with the factor. Both approach from inside, so in the direct form the
+    estimate never exceeds cond(M). The Woodbury form uses λ_max(M)/λ instead: cond(M) itself
+    when r < n (M has eigenvalue λ outside the rows' span), and what its cancellation amplifies
+    rounding by in any case.
     """
+    # In float64 whatever the solve's dtype: squares of fp32 entries must not overflow.
+    m64 = matrix.double()
     n = matrix.shape[-1]
     gen = torch.Generator(device=matrix.device).manual_seed(0)
-    start = torch.randn(n, 1, generator=gen, device=matrix.device, dtype=matrix.dtype)
+    start = torch.randn(n, 1, generator=gen, device=matrix.device, dtype=torch.float64)
     start = start.expand(matrix.shape[0], n, 1) / math.sqrt(n)
-    v, top = start, matrix.new_ones(matrix.shape[0])
+    v, top = start, m64.new_ones(matrix.shape[0])
     for _ in range(_ITERATIONS):
-        v = matrix @ v
+        v = m64 @ v
         top = torch.linalg.vector_norm(v, dim=(-2, -1))
         v = v / top[:, None, None]
     low = torch.full_like(top, lam)
     if not woodbury:
+        c64 = chol.double()
         v = start
         for _ in range(_ITERATIONS):
-            v = torch.cholesky_solve(v, chol)
+            v = torch.cholesky_solve(v, c64)
             inverse = torch.linalg.vector_norm(v, dim=(-2, -1))
             v = v / inverse[:, None, None]
             low = 1 / inverse
-    cond = (top / low).max().double()
+    cond = (top / low).max()
     flags = torch.stack([torch.isfinite(matrix).all(), (info == 0).all()]).double()
     finite, factored, estimate = torch.cat([flags, cond[None]]).tolist()
     return bool(finite), bool(factored), float(estimate)
@@ -230,4 +235,6 @@ def _warn_if_inaccurate(
 
 def _round(value: float) -> str:
     """A positive number to its power of ten, so repeated warnings repeat the same text."""
+    if not math.isfinite(value):
+        return "inf"
     return f"1e{math.floor(math.log10(value)):+03d}"
