@@ -1,20 +1,18 @@
-"""Shared test helpers: an independent unfold and a random-convolution drawer, as fixtures.
+"""Shared fixtures: a random-convolution drawer, and ``reference.unfold_rows`` as a fixture.
 
-They are session-scoped fixtures (not importable helpers) so that hypothesis tests can use them
-and the tests directory needs no package layout.
+Session-scoped, so that hypothesis tests can use them. The references themselves live in
+``reference.py`` (importable: pytest puts this directory on ``sys.path``).
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import strategies as st
+from reference import unfold_rows
 from torch import Tensor, nn
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -22,51 +20,13 @@ ReferenceRows = Callable[[nn.Module, Tensor], Tensor]
 DrawConv = Callable[..., tuple[Conv, Tensor]]
 
 _CONVS: dict[int, type[Conv]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CONV_FNS: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def _one_hot_conv_rows(conv: Conv, x: Tensor) -> Tensor:
-    """Rows (groups, r, n) in float64 by convolving with one-hot weights.
-
-    Padding follows ``torch.nn.modules.conv._ConvNd._conv_forward``: explicit ``F.pad`` with the
-    layer's own padding amounts for non-zero padding modes, the convolution's padding otherwise.
-    Each one-hot filter picks one (channel, kernel offset) entry of every patch, so output channel
-    ``k`` at each position is entry ``k`` of that position's row.
-    """
-    dims = len(conv.kernel_size)
-    xb = x.double() if x.dim() == dims + 2 else x.double().unsqueeze(0)
-    padding: Any = conv.padding
-    if conv.padding_mode != "zeros":
-        xb = F.pad(xb, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        padding = 0
-    per_group = conv.in_channels // conv.groups
-    n = per_group * math.prod(conv.kernel_size)
-    eye = torch.eye(n, dtype=torch.float64).reshape(n, per_group, *conv.kernel_size)
-    parts = []
-    for g in range(conv.groups):
-        channels = xb[:, g * per_group : (g + 1) * per_group]
-        with warnings.catch_warnings():  # 'same' with an even kernel: a padded copy, fine here
-            warnings.simplefilter("ignore", UserWarning)
-            out = _CONV_FNS[dims](
-                channels, eye, stride=conv.stride, padding=padding, dilation=conv.dilation
-            )
-        parts.append(out.movedim(1, -1).reshape(-1, n))
-    return torch.stack(parts)
-
-
-def reference_rows_impl(layer: nn.Module, x: Tensor) -> Tensor:
-    """Independent rows (groups, r, n) of a Linear or Conv layer's input, in float64."""
-    if isinstance(layer, nn.Linear):
-        return x.double().reshape(1, -1, layer.in_features)
-    assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    return _one_hot_conv_rows(layer, x)
 
 
 @pytest.fixture(scope="session")
 def reference_rows() -> ReferenceRows:
-    """The independent unfold ``(layer, x) -> rows (groups, r, n)`` in float64."""
-    return reference_rows_impl
+    """``reference.unfold_rows``: the independent unfold ``(layer, x) -> rows`` in float64."""
+    return unfold_rows
 
 
 def _draw_geometry(data: st.DataObject, dims: int) -> dict[str, Any]:

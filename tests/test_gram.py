@@ -1,5 +1,5 @@
 """``tract_optim.gram``: the unfold-free Conv2d Gram and the upper-triangle product, each against
-a float64 Gram of rows built independently (``F.unfold``, torch's im2col), within the fp32 bound.
+a float64 Gram of rows built independently (``reference.unfold_rows``), within the fp32 bound.
 """
 
 from __future__ import annotations
@@ -8,21 +8,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import Tensor
+from reference import assert_fp32_gram, unfold_rows
+from torch import nn
 
 from tract_optim import gram
 
 SETTINGS = settings(max_examples=40, deadline=None)
-
-
-def assert_within_fp32_bound(got: Tensor, rows: Tensor) -> None:
-    """|got − XᵀX| ≤ r·2⁻²⁴·|X|ᵀ|X| entry by entry (any fp32 summation order meets it)."""
-    rows = rows.double()
-    exact = rows.mT @ rows
-    bound = rows.shape[-2] * 2.0**-24 * (rows.abs().mT @ rows.abs())
-    assert got.dtype == torch.float32 and got.shape == exact.shape
-    excess = (got.double() - exact).abs() - bound
-    assert excess.max().item() <= 1e-30, f"exceeds the fp32 bound by {excess.max().item():.3g}"
 
 
 @SETTINGS
@@ -45,18 +36,16 @@ def test_conv2d_gram_matches_unfolded_rows(
     """Every kernel/stride pair, sizes with and without remainders (e.g. a 7×7/2 ResNet stem)."""
     torch.manual_seed(seed)
     xpad = torch.randn(batch, channels, kernel[0] + extra[0], kernel[1] + extra[1])
-    cols = F.unfold(xpad.double(), kernel, stride=stride)  # (B, C·kh·kw, positions)
-    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    assert_within_fp32_bound(gram.conv2d_gram(xpad, kernel, stride), rows)
+    rows = unfold_rows(nn.Conv2d(channels, 1, kernel, stride=stride), xpad)[0]
+    assert_fp32_gram(gram.conv2d_gram(xpad, kernel, stride), rows)
 
 
 def test_conv2d_gram_of_an_imagenet_stem() -> None:
     """The 7×7 stride-2 stem on a 3×38×38 input padded by 3, as the stem layer pads it."""
     torch.manual_seed(0)
     xpad = F.pad(torch.randn(2, 3, 38, 38), (3, 3, 3, 3))
-    cols = F.unfold(xpad.double(), 7, stride=2)
-    rows = cols.transpose(1, 2).reshape(-1, 147)
-    assert_within_fp32_bound(gram.conv2d_gram(xpad, (7, 7), (2, 2)), rows)
+    rows = unfold_rows(nn.Conv2d(3, 1, 7, stride=2), xpad)[0]
+    assert_fp32_gram(gram.conv2d_gram(xpad, (7, 7), (2, 2)), rows)
 
 
 @SETTINGS
@@ -74,6 +63,6 @@ def test_upper_strips_then_mirror_give_the_full_gram(
     rows = torch.randn(groups, r, n)
     out = torch.zeros(groups, n, n)
     gram.add_upper_(out, rows)
-    assert_within_fp32_bound(gram.mirror_upper(out), rows)
+    assert_fp32_gram(gram.mirror_upper(out), rows)
     gram.add_upper_(out, rows)
-    assert_within_fp32_bound(gram.mirror_upper(out), torch.cat([rows, rows], dim=1))
+    assert_fp32_gram(gram.mirror_upper(out), torch.cat([rows, rows], dim=1))

@@ -1,6 +1,6 @@
 """``tract_optim.unfold`` against independent unfolds.
 
-Two references: a one-hot-weight convolution (the ``reference_rows`` fixture), which must give
+Two references: a one-hot-weight convolution (``reference.unfold_rows``), which must give
 the same rows entry for entry, and BackPACK's check that the rows times the flattened weight
 (plus bias) rebuild the layer's own output, which involves no padding arithmetic at all.
 """
@@ -16,11 +16,11 @@ import timm_like
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import assert_fp32_gram, unfold_rows
 from torch import Tensor, nn
 
 from tract_optim import unfold
 
-ReferenceRows = Callable[[nn.Module, Tensor], Tensor]
 DrawConv = Callable[..., tuple[nn.Module, Tensor]]
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -48,25 +48,10 @@ def layer_output_rows(layer: nn.Module, x: Tensor) -> Tensor:
     return z.movedim(1, -1).reshape(-1, z.shape[1])
 
 
-def assert_gram_close(got: Tensor, rows: Tensor) -> None:
-    """``got`` is the fp32 Gram of ``rows`` (groups, r, n): within fp32 dot-product error.
-
-    The classic bound |fl(aᵀb) − aᵀb| ≤ r·u·|a|ᵀ|b| (u = 2⁻²⁴) holds entry by entry for any
-    summation order of fp32 products; accumulating in bf16/fp16 would break it by far.
-    """
-    assert got.dtype == torch.float32
-    rows = rows.double()
-    exact = rows.transpose(1, 2) @ rows
-    bound = rows.shape[1] * 2.0**-24 * (rows.abs().transpose(1, 2) @ rows.abs())
-    assert got.shape == exact.shape
-    excess = (got.double() - exact).abs() - bound
-    assert excess.max().item() <= 0.0, f"exceeds the fp32 bound by {excess.max().item():.3g}"
-
-
-def check_rows(layer: nn.Module, x: Tensor, reference_rows: ReferenceRows) -> None:
+def check_rows(layer: nn.Module, x: Tensor) -> None:
     """rows, row_count and geometry agree with the one-hot unfold and rebuild the output."""
     got = unfold.rows(layer, x)
-    ref = reference_rows(layer, x)
+    ref = unfold_rows(layer, x)
     geo = unfold.geometry(layer)
     assert got.dtype == x.dtype
     assert got.shape == ref.shape == (geo.groups, ref.shape[1], geo.n)
@@ -78,12 +63,10 @@ def check_rows(layer: nn.Module, x: Tensor, reference_rows: ReferenceRows) -> No
 
 @SETTINGS
 @given(data=st.data())
-def test_conv_rows_match_independent_unfolds(
-    data: st.DataObject, draw_conv: DrawConv, reference_rows: ReferenceRows
-) -> None:
+def test_conv_rows_match_independent_unfolds(data: st.DataObject, draw_conv: DrawConv) -> None:
     """Every stride/padding/dilation/groups/padding_mode/layout/batching gives the exact rows."""
     layer, x = draw_conv(data)
-    check_rows(layer, x, reference_rows)
+    check_rows(layer, x)
 
 
 CORNER_CASES = {
@@ -107,28 +90,26 @@ CORNER_CASES = {
 
 
 @pytest.mark.parametrize("case", CORNER_CASES)
-def test_conv_corner_cases(case: str, reference_rows: ReferenceRows) -> None:
+def test_conv_corner_cases(case: str) -> None:
     """Asymmetric 'same' padding and other cases hypothesis may draw only rarely."""
     make, shape = CORNER_CASES[case]
     torch.manual_seed(0)
     layer, x = make(), torch.randn(*shape)
-    check_rows(layer, x, reference_rows)
-    assert_gram_close(unfold.gram(layer, x, chunk_bytes=1), reference_rows(layer, x))
+    check_rows(layer, x)
+    assert_fp32_gram(unfold.gram(layer, x, chunk_bytes=1), unfold_rows(layer, x))
 
 
 @pytest.mark.parametrize(
     ("kernel", "size"),
     [((4, 4), (10, 13)), ((16, 16), (33, 40)), ((3, 5), (9, 11)), ((2, 2), (2, 3))],
 )
-def test_patch_embedding_with_remainder(
-    kernel: tuple[int, int], size: tuple[int, int], reference_rows: ReferenceRows
-) -> None:
+def test_patch_embedding_with_remainder(kernel: tuple[int, int], size: tuple[int, int]) -> None:
     """stride == kernel on sizes with a remainder: the remainder is ignored, as by the conv."""
     torch.manual_seed(0)
     layer = nn.Conv2d(3, 5, kernel, stride=kernel)
     x = torch.randn(2, 3, *size)
-    check_rows(layer, x, reference_rows)
-    check_rows(layer, x.contiguous(memory_format=torch.channels_last), reference_rows)
+    check_rows(layer, x)
+    check_rows(layer, x.contiguous(memory_format=torch.channels_last))
 
 
 @SETTINGS
@@ -147,7 +128,6 @@ def test_linear_rows(
     bias: bool,
     permuted: bool,
     seed: int,
-    reference_rows: ReferenceRows,
 ) -> None:
     """A Linear on inputs of rank 1–4: rows are the inputs with leading dimensions flattened."""
     torch.manual_seed(seed)
@@ -157,17 +137,15 @@ def test_linear_rows(
         x = torch.randn(*reversed(shape)).permute(*reversed(range(len(shape))))
     else:
         x = torch.randn(*shape)
-    check_rows(layer, x, reference_rows)
+    check_rows(layer, x)
 
 
 @SETTINGS
 @given(data=st.data(), chunk_bytes=st.sampled_from([1, 40, 300, 5000, unfold.DEFAULT_CHUNK_BYTES]))
-def test_conv_gram_is_rows_gram(
-    data: st.DataObject, chunk_bytes: int, draw_conv: DrawConv, reference_rows: ReferenceRows
-) -> None:
+def test_conv_gram_is_rows_gram(data: st.DataObject, chunk_bytes: int, draw_conv: DrawConv) -> None:
     """gram() equals xᵀx of the independent rows for any chunking (1 byte: one image a chunk)."""
     layer, x = draw_conv(data)
-    assert_gram_close(unfold.gram(layer, x, chunk_bytes=chunk_bytes), reference_rows(layer, x))
+    assert_fp32_gram(unfold.gram(layer, x, chunk_bytes=chunk_bytes), unfold_rows(layer, x))
 
 
 @SETTINGS
@@ -177,14 +155,12 @@ def test_conv_gram_is_rows_gram(
     chunk_bytes=st.sampled_from([1, 16, 100, unfold.DEFAULT_CHUNK_BYTES]),
     seed=st.integers(0, 2**16),
 )
-def test_linear_gram_is_rows_gram(
-    leading: list[int], n: int, chunk_bytes: int, seed: int, reference_rows: ReferenceRows
-) -> None:
+def test_linear_gram_is_rows_gram(leading: list[int], n: int, chunk_bytes: int, seed: int) -> None:
     """Linear gram() equals xᵀx over all flattened leading dimensions, for any chunking."""
     torch.manual_seed(seed)
     layer = nn.Linear(n, 3)
     x = torch.randn(*leading, n)
-    assert_gram_close(unfold.gram(layer, x, chunk_bytes=chunk_bytes), reference_rows(layer, x))
+    assert_fp32_gram(unfold.gram(layer, x, chunk_bytes=chunk_bytes), unfold_rows(layer, x))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -199,7 +175,7 @@ def test_linear_gram_is_rows_gram(
     ids=["linear", "conv2d", "conv1d"],
 )
 def test_gram_of_low_precision_input_accumulates_in_fp32(
-    layer: nn.Module, chunk_bytes: int, dtype: torch.dtype, reference_rows: ReferenceRows
+    layer: nn.Module, chunk_bytes: int, dtype: torch.dtype
 ) -> None:
     """bf16/fp16 inputs: the Gram is fp32 and within the fp32 bound for the exact rows.
 
@@ -213,17 +189,17 @@ def test_gram_of_low_precision_input_accumulates_in_fp32(
     }
     torch.manual_seed(0)
     x = torch.randn(*shape[type(layer)]).to(dtype)
-    assert_gram_close(unfold.gram(layer, x, chunk_bytes=chunk_bytes), reference_rows(layer, x))
+    assert_fp32_gram(unfold.gram(layer, x, chunk_bytes=chunk_bytes), unfold_rows(layer, x))
 
 
-def test_gram_under_autocast_is_fp32(reference_rows: ReferenceRows) -> None:
+def test_gram_under_autocast_is_fp32() -> None:
     """Under CPU autocast the Gram is still accumulated in fp32 from the fp32 input."""
     torch.manual_seed(0)
     layer = nn.Conv2d(3, 4, 3, stride=2)
     x = torch.randn(4, 3, 17, 17)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = unfold.gram(layer, x)
-    assert_gram_close(got, reference_rows(layer, x))
+    assert_fp32_gram(got, unfold_rows(layer, x))
 
 
 def test_unsupported_layer_raises() -> None:
@@ -286,7 +262,7 @@ def padded_reference(layer: nn.Conv2d, x: Tensor) -> tuple[nn.Conv2d, Tensor]:
 @SETTINGS
 @given(data=st.data(), chunk_bytes=st.sampled_from([1, 300, unfold.DEFAULT_CHUNK_BYTES]))
 def test_conv2d_same_rows_are_those_of_the_padded_input(
-    data: st.DataObject, chunk_bytes: int, reference_rows: ReferenceRows
+    data: st.DataObject, chunk_bytes: int
 ) -> None:
     """Rows, Gram and count are those of the TF-SAME padded input, and rebuild the layer's output.
 
@@ -297,18 +273,18 @@ def test_conv2d_same_rows_are_those_of_the_padded_input(
     layer, x = draw_conv2d_same(data)
     plain, xpad = padded_reference(layer, x)
     got = unfold.rows(layer, x)
-    ref = reference_rows(plain, xpad)
+    ref = unfold_rows(plain, xpad)
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=0)
     torch.testing.assert_close(rebuilt_output(layer, got), layer_output_rows(layer, x))
     batch = x.shape[0] if x.dim() == 4 else 1
     positions = math.prod(math.ceil(i / s) for i, s in zip(x.shape[-2:], layer.stride, strict=True))
     assert unfold.row_count(layer, x) == ref.shape[1] == batch * positions
-    assert_gram_close(unfold.gram(layer, x, chunk_bytes=chunk_bytes), ref)
+    assert_fp32_gram(unfold.gram(layer, x, chunk_bytes=chunk_bytes), ref)
     with torch.no_grad():
         unfold.check_pass(layer, x, layer(x))
 
 
-def test_conv2d_same_stem_is_not_a_valid_convolution(reference_rows: ReferenceRows) -> None:
+def test_conv2d_same_stem_is_not_a_valid_convolution() -> None:
     """tf_efficientnet's stem (3×3/2) on 32×32: 16×16 positions with one zero row/column at the
     bottom/right, where the layer's padding attribute alone (0) would give 15×15."""
     torch.manual_seed(0)

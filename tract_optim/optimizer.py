@@ -22,20 +22,13 @@ from torch.optim import Optimizer
 from . import distributed, solve, unfold
 from . import layers as layers_
 from .capture import LayerCapture
+from .solve import check_lam
 from .statistics import Stats
 
 #: ``precondition_`` status bit (besides ``solve``'s): a gradient without statistics.
 _MISSING = 1
 
 _SOLVE_DTYPES = (torch.float32, torch.float64)
-
-
-def _check_lam(lam: object, name: str) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise TypeError(f"{name} must be a positive float, got {type(lam).__name__}")
-    if not math.isfinite(lam) or lam <= 0:
-        raise ValueError(f"{name} must be a positive finite float, got {lam}")
-    return float(lam)
 
 
 def _as_optimizers(optimizer: Optimizer | Sequence[Optimizer]) -> list[Optimizer]:
@@ -156,7 +149,7 @@ class TrActOptimizer(Optimizer):
             lam_list = list(lam)
         if len(lam_list) != len(layers):
             raise ValueError(f"lam: got {len(lam_list)} values for {len(layers)} first layers")
-        lams = [_check_lam(value, f"lam[{i}]") for i, value in enumerate(lam_list)]
+        lams = [check_lam(value, f"lam[{i}]") for i, value in enumerate(lam_list)]
         if solve_dtype is not None and solve_dtype not in _SOLVE_DTYPES:
             raise ValueError(
                 f"solve_dtype must be None, torch.float32 or torch.float64, got {solve_dtype}"
@@ -239,7 +232,7 @@ class TrActOptimizer(Optimizer):
 
     def set_lam(self, lam: float, layer: int | nn.Module | None = None) -> None:
         """Change λ between steps, for one layer (index or module) or for all (``None``)."""
-        value = _check_lam(lam, "lam")
+        value = check_lam(lam, "lam")
         if layer is None:
             for i in range(len(self._lams)):
                 self._set_lam(i, value)
@@ -318,7 +311,11 @@ class TrActOptimizer(Optimizer):
             for (i, c, grad), s, dtype in zip(todo, stats, dtypes, strict=True)
         ]
         if self._capturable:
-            news = [torch.where(status == 0, new, torch.nan) for new, status in results]
+            # An imprecise update is still the update; unusable statistics give NaN.
+            news = [
+                torch.where(status & ~solve.IMPRECISE == 0, new, torch.nan)
+                for new, status, _ in results
+            ]
         else:
             news = self._checked(todo, stats, dtypes, results)
         for (_, capture, grad), new in zip(todo, news, strict=True):
@@ -327,14 +324,11 @@ class TrActOptimizer(Optimizer):
             capture.mark_preconditioned(grad)
 
     def _dtype(self, grad: Tensor, stats: Stats | None) -> torch.dtype:
-        """The solve dtype: as asked, else the widest of fp32, the gradient and the statistics."""
-        if self._solve_dtype is not None:
-            return self._solve_dtype
-        if stats is None:
-            return torch.float32
-        # Kept rows (r < n): the Woodbury form cancels digits in fp32, and costs little in fp64.
-        wide = grad.dtype == torch.float64 or stats.dtype == torch.float64 or stats.rows is not None
-        return torch.float64 if wide else torch.float32
+        """The solve dtype (``solve.resolve_dtype``; fp64 statistics count as an fp64 gradient)."""
+        wide = stats is not None and stats.dtype == torch.float64
+        grad_dtype = torch.float64 if wide else grad.dtype
+        woodbury = stats is not None and stats.rows is not None
+        return solve.resolve_dtype(self._solve_dtype, grad_dtype, woodbury)
 
     def _solve(
         self,
@@ -343,43 +337,48 @@ class TrActOptimizer(Optimizer):
         grad: Tensor,
         stats: Stats | None,
         dtype: torch.dtype,
-    ) -> tuple[Tensor, Tensor]:
-        """This rank's rows of the TrAct gradient (rows, n) and its status flag, no host reads."""
+    ) -> tuple[Tensor, Tensor, solve.Factor | None]:
+        """This rank's rows of the TrAct gradient (rows, n), its status bits and its factor,
+        without host reads."""
         local, offset = distributed.local_rows(grad)
         flat = local.reshape(local.shape[0], capture.geometry.n)
         if stats is None:
-            return flat, torch.where(flat.ne(0).any(), _MISSING, 0)
+            return flat, torch.where(flat.ne(0).any(), _MISSING, 0), None
         lam = self._lam_tensors[index] if self._capturable else self._lams[index]
         factor = solve.factor(stats, lam, dtype)
         status = factor.status
         if isinstance(stats.count, Tensor):
             status = status + torch.where((stats.count == 0) & flat.ne(0).any(), _MISSING, 0)
         new = solve.apply_rows(factor, flat, offset, capture.geometry.out_per_group)
-        return new.to(grad.dtype), status
+        return new.to(grad.dtype), status, factor
 
     def _checked(
         self,
         todo: list[tuple[int, LayerCapture, Tensor]],
         stats: list[Stats | None],
         dtypes: list[torch.dtype],
-        results: list[tuple[Tensor, Tensor]],
+        results: list[tuple[Tensor, Tensor, solve.Factor | None]],
     ) -> list[Tensor]:
         """The new gradients, after the step's one host read of every layer's status.
 
         A factorisation that failed in fp32 is redone in fp64 from the statistics (a second
         read, on that failure path only). Raises, naming the layer, if any layer stays unusable.
         """
-        codes = _read_codes([status for _, status in results])
-        news = [new for new, _ in results]
+        codes = _read_codes([status for _, status, _ in results])
+        news = [new for new, _, _ in results]
         for k, ((i, capture, grad), code) in enumerate(zip(todo, codes, strict=True)):
-            s = stats[k]
-            if code == solve.NOT_POSITIVE_DEFINITE and dtypes[k] != torch.float64:
-                assert s is not None
-                new, status = self._solve(i, capture, grad, s, torch.float64)
-                code = int(status)
-                news[k] = new
-            if code:
-                raise _status_error(i, capture, code)
+            if code & _MISSING:
+                raise RuntimeError(_missing_message(i, capture))
+            s, factor = stats[k], results[k][2]
+            assert s is not None and factor is not None
+            what, lam = _describe(i, capture.layer), self._lams[i]
+            if code & ~solve.IMPRECISE:
+                # Redone with reads of its own: in float64 from the statistics if it failed below
+                # float64; raises, naming the layer, if it stays unusable.
+                solve.factor_checked(s, lam, dtypes[k], what)
+                news[k] = self._solve(i, capture, grad, s, torch.float64)[0]
+            elif code:
+                solve.report(code, factor, what, lam)
         return news
 
     def _check_not_superseded(self) -> None:
@@ -437,8 +436,7 @@ class TrActOptimizer(Optimizer):
         tract = sd.get("tract")
         if tract is not None:
             lams = [
-                _check_lam(v, f"state_dict['tract']['lam'][{i}]")
-                for i, v in enumerate(tract["lam"])
+                check_lam(v, f"state_dict['tract']['lam'][{i}]") for i, v in enumerate(tract["lam"])
             ]
             if len(lams) != len(self._lams):
                 raise ValueError(
@@ -526,15 +524,15 @@ def _check_group_sizes(opt: Optimizer, saved: Mapping[str, Any], index: int) -> 
 
 
 def _read_codes(statuses: list[Tensor]) -> list[int]:
-    """Every layer's status bits with one host read: 3 bits a layer packed into one int64 (one
-    read per 21 layers)."""
+    """Every layer's status bits with one host read: 4 bits a layer packed into one int64 (one
+    read per 15 layers)."""
     codes: list[int] = []
-    per_read = 21
+    per_read = 15
     for start in range(0, len(statuses), per_read):
         part = torch.stack(statuses[start : start + per_read]).to(torch.int64)
-        shifts = torch.arange(part.numel(), device=part.device) * 3
+        shifts = torch.arange(part.numel(), device=part.device) * 4
         packed = int((part << shifts).sum())
-        codes += [(packed >> (3 * k)) & 7 for k in range(part.numel())]
+        codes += [(packed >> (4 * k)) & 15 for k in range(part.numel())]
     return codes
 
 
@@ -553,22 +551,6 @@ def _mixed_message(index: int, capture: LayerCapture) -> str:
         f"{_describe(index, capture.layer)}: a backward pass added to the gradient after "
         "precondition_() had preconditioned it, so it would mix TrAct and raw gradients. Call "
         "precondition_() once, after the last backward of the step (or zero_grad() first)."
-    )
-
-
-def _status_error(index: int, capture: LayerCapture, code: int) -> Exception:
-    """The exception for a layer's status bits (the most basic cause first)."""
-    what = _describe(index, capture.layer)
-    if code & _MISSING:
-        return RuntimeError(_missing_message(index, capture))
-    if code & solve.NON_FINITE:
-        return FloatingPointError(
-            f"{what}: the input statistics contain inf or NaN (the layer's inputs overflowed); "
-            "check the data pipeline or standardise the inputs"
-        )
-    return FloatingPointError(
-        f"{what}: the damped input matrix is not numerically positive definite even in "
-        "float64; increase lam or standardise the inputs"
     )
 
 
