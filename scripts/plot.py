@@ -3,11 +3,11 @@
     python scripts/plot.py RESULTS_DIR
 
 reads RESULTS_DIR/results.json (written by reproduce.py), recomputes its summary and writes, for
-the panels it has:
-accuracy.png (final test accuracy vs epoch budget, ±1 std error bars), loss.png (training-loss
-curves per epoch at the longest budget, and final training loss vs budget), lambda.png (accuracy
-vs λ against the baseline), input_range.png (accuracy with standardised, [0, 1] and [0, 255]
-inputs), and summary.md (the tables reproduce.py prints).
+the panels it has: accuracy.png (final test accuracy vs epoch budget with ±1 std error bars, and
+the paired difference to the baseline with its 95 % interval), loss.png (training-loss curves per
+epoch at the longest budget, and final training loss vs budget), lambda.png (accuracy and paired
+difference vs λ), input_range.png (accuracy with standardised, [0, 1] and [0, 255] inputs), and
+summary.md (the tables reproduce.py prints).
 """
 
 from __future__ import annotations
@@ -96,10 +96,31 @@ def _log_loss_axis(ax: Any) -> None:
     ax.yaxis.set_minor_locator(NullLocator())
 
 
-def plot_accuracy(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -> None:
-    """Final test accuracy vs epoch budget, mean ± 1 std over seeds, one subplot per panel."""
-    fig, axes = _figure(panels)
-    for ax, panel in zip(axes[0], panels, strict=True):
+def _delta_row(ax: Any, summary: dict[str, Any], xlabel: str) -> None:
+    """The paired accuracy difference TrAct − baseline per x, mean ± 95 % interval."""
+    names = list(dict.fromkeys(r["series"] for r in summary["rows"]))
+    for i, name in enumerate(names):
+        rows = [r for r in summary["rows"] if r["series"] == name and r["acc"]["paired"]]
+        pairs = [r["acc"]["paired"] for r in rows]
+        # One seed has no interval: draw the point alone.
+        low = [p["mean"] - p["ci_low"] if p["ci_low"] is not None else 0.0 for p in pairs]
+        high = [p["ci_high"] - p["mean"] if p["ci_high"] is not None else 0.0 for p in pairs]
+        ax.errorbar(
+            [r["x"] for r in rows], [p["mean"] for p in pairs], yerr=[low, high], marker="o",
+            capsize=3, label=name, color=PALETTE[i % len(PALETTE)],
+        )  # fmt: skip
+    ax.axhline(0.0, color=COLORS[BASELINE], linestyle="--", linewidth=1)
+    _finish(ax, xlabel, "Δ test accuracy (points)", f"{summary['title']}: TrAct − baseline")
+
+
+def plot_accuracy(
+    panels: Sequence[dict[str, Any]], runs: Runs, summaries: Sequence[dict[str, Any]], path: Path
+) -> None:
+    """Top: final test accuracy vs epoch budget, mean ± 1 std over seeds. Bottom: the paired
+    difference to the baseline with its 95 % interval. One column per panel."""
+    fig, axes = _figure(panels, rows=2)
+    for col, (panel, summary) in enumerate(zip(panels, summaries, strict=True)):
+        ax = axes[0][col]
         values = _series_values(panel, runs, "final_test_acc", 100.0)
         names = list(values)
         for name, cells in values.items():
@@ -110,14 +131,22 @@ def plot_accuracy(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -> N
                 capsize=3, linestyle="--" if name == BASELINE else "-",
                 color=_color(name, names),
             )  # fmt: skip
-        _budget_axis(ax, sorted({x for c in values.values() for x in c}))
+        budgets = sorted({x for c in values.values() for x in c})
+        _budget_axis(ax, budgets)
         _finish(ax, "training budget (epochs)", "test accuracy (%)", panel["title"])
+        _delta_row(axes[1][col], summary, "training budget (epochs)")
+        _budget_axis(axes[1][col], budgets)
     seeds = _seeds(panels[0], runs)
-    _save(fig, path, f"mean ± 1 std over {seeds} seeds; TrAct reuses the baseline's lr")
+    _save(
+        fig, path,
+        f"top: mean ± 1 std over {seeds} seeds; bottom: per-seed difference (same initialisation "
+        "and batches), mean ± 95 % t interval; TrAct reuses the baseline's lr",
+    )  # fmt: skip
 
 
 def plot_loss(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -> None:
-    """Top: training loss per epoch at each panel's longest budget (mean, ±1 std shaded).
+    """Top: training loss per epoch at each panel's longest budget (mean; range over seeds
+    shaded).
     Bottom: final training loss vs budget (mean ± 1 std). Log-scale losses."""
     fig, axes = _figure(panels, rows=2)
     for col, panel in enumerate(panels):
@@ -131,15 +160,13 @@ def plot_loss(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -> None:
         names = list(curves)
         for name, per_seed in curves.items():
             epochs = range(1, len(per_seed[0]) + 1)
-            stats = [_mean_std(list(col)) for col in zip(*per_seed, strict=True)]
-            mean = [m for m, _ in stats]
+            columns = [list(col) for col in zip(*per_seed, strict=True)]
             color = _color(name, names)
             style = "--" if name == BASELINE else "-"
-            top.plot(epochs, mean, style, label=name, color=color)
-            top.fill_between(
-                epochs, [m - s for m, s in stats], [m + s for m, s in stats], color=color,
-                alpha=0.15,
-            )  # fmt: skip
+            top.plot(epochs, [statistics.fmean(c) for c in columns], style, label=name, color=color)
+            # The range over seeds (a mean - std band can reach below zero on a log axis).
+            lows, highs = [min(c) for c in columns], [max(c) for c in columns]
+            top.fill_between(epochs, lows, highs, color=color, alpha=0.15)
         _log_loss_axis(top)
         top.xaxis.get_major_locator().set_params(integer=True)
         _finish(top, f"epoch (of a {longest}-epoch run)", "training loss (nats)", panel["title"])
@@ -158,15 +185,19 @@ def plot_loss(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -> None:
     seeds = _seeds(panels[0], runs)
     _save(
         fig, path,
-        f"cross-entropy of the model on the un-augmented training set after each epoch; "
-        f"mean ± 1 std over {seeds} seeds",
+        f"cross-entropy of the model on the un-augmented training set after each epoch; top: mean "
+        f"and range over {seeds} seeds; bottom: mean ± 1 std",
     )  # fmt: skip
 
 
-def plot_lambda(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -> None:
-    """TrAct's test accuracy vs λ (mean ± 1 std) against the baseline's (line and band)."""
-    fig, axes = _figure(panels)
-    for ax, panel in zip(axes[0], panels, strict=True):
+def plot_lambda(
+    panels: Sequence[dict[str, Any]], runs: Runs, summaries: Sequence[dict[str, Any]], path: Path
+) -> None:
+    """Top: TrAct's test accuracy vs λ (mean ± 1 std) against the baseline's (line and band).
+    Bottom: the paired difference to the baseline with its 95 % interval."""
+    fig, axes = _figure(panels, rows=2)
+    for col, (panel, summary) in enumerate(zip(panels, summaries, strict=True)):
+        ax = axes[0][col]
         values = _series_values(panel, runs, "final_test_acc", 100.0)
         lams = sorted(x for x in values["TrAct"])
         stats = [_mean_std(values["TrAct"][x]) for x in lams]
@@ -177,16 +208,25 @@ def plot_lambda(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -> Non
         mean, std = _mean_std(values[BASELINE][None])
         ax.axhline(mean, linestyle="--", color=COLORS[BASELINE], label="baseline")
         ax.axhspan(mean - std, mean + std, color=COLORS[BASELINE], alpha=0.12)
-        ax.set_xscale("log")
-        ax.set_xticks(lams, [f"{x:g}" for x in lams])
-        ax.minorticks_off()
         _finish(ax, "λ (TrAct damping)", "test accuracy (%)", panel["title"])
+        _delta_row(axes[1][col], summary, "λ (TrAct damping)")
+        for a in (ax, axes[1][col]):
+            a.set_xscale("log")
+            a.set_xticks(lams, [f"{x:g}" for x in lams])
+            a.minorticks_off()
     seeds = _seeds(panels[0], runs)
-    _save(fig, path, f"mean ± 1 std over {seeds} seeds (baseline: dashed line and band)")
+    _save(
+        fig, path,
+        f"top: mean ± 1 std over {seeds} seeds (baseline: dashed line and band); bottom: "
+        "per-seed difference, mean ± 95 % t interval",
+    )  # fmt: skip
 
 
-def plot_input_range(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -> None:
-    """Grouped bars: test accuracy (mean ± 1 std) of each series for each input range."""
+def plot_input_range(
+    panels: Sequence[dict[str, Any]], runs: Runs, _summaries: Sequence[dict[str, Any]], path: Path
+) -> None:
+    """Grouped bars: test accuracy (mean ± 1 std) of each series for each input range (the
+    paired differences are in the table)."""
     fig, axes = _figure(panels)
     for ax, panel in zip(axes[0], panels, strict=True):
         values = _series_values(panel, runs, "final_test_acc", 100.0)
@@ -204,8 +244,10 @@ def plot_input_range(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -
             for x, m in zip(pos, means, strict=True):
                 ax.text(x, 2, f"{m:.1f}", ha="center", va="bottom", fontsize=7, color="white")
         ax.set_xticks(range(len(ranges)), ranges)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 115)  # headroom for the legend above 100 %
+        ax.set_yticks(range(0, 101, 20))
         _finish(ax, "input range (model inputs)", "test accuracy (%)", panel["title"])
+        ax.legend(fontsize=8, loc="upper center", ncol=len(names))
     seeds = _seeds(panels[0], runs)
     _save(
         fig, path,
@@ -213,7 +255,8 @@ def plot_input_range(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -
     )  # fmt: skip
 
 
-FIGURES: dict[str, tuple[str, Callable[[Sequence[dict[str, Any]], Runs, Path], None]]] = {
+Draw = Callable[[Sequence[dict[str, Any]], Runs, Sequence[dict[str, Any]], Path], None]
+FIGURES: dict[str, tuple[str, Draw]] = {
     "budget": ("accuracy.png", plot_accuracy),
     "lambda": ("lambda.png", plot_lambda),
     "input_range": ("input_range.png", plot_input_range),
@@ -230,10 +273,11 @@ def write_all(
     the markdown."""
     text = summ.markdown(summaries)
     (results_dir / "summary.md").write_text(text)
+    by_title = {s["title"]: s for s in summaries}
     for kind, (name, draw) in FIGURES.items():
         chosen = [p for p in panels if p["kind"] == kind]
         if chosen:
-            draw(chosen, runs, results_dir / name)
+            draw(chosen, runs, [by_title[p["title"]] for p in chosen], results_dir / name)
     budget = [p for p in panels if p["kind"] == "budget"]
     if budget:
         plot_loss(budget, runs, results_dir / "loss.png")
