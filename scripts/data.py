@@ -2,7 +2,8 @@
 
 Digits come from scikit-learn. CIFAR-10/100 are read from torchvision's on-disk format (the python
 pickle batches ``cifar-10-batches-py`` / ``cifar-100-python``) with pickle and numpy, so neither
-torchvision nor a network connection is needed once the data is there.
+torchvision nor a network connection is needed once the data is there. Every loader returns its
+images in one of three input ranges (the paper's Fig. 8): standardised, [0, 1] or [0, 255].
 """
 
 from __future__ import annotations
@@ -63,6 +64,28 @@ CIFAR = {
 INPUT_RANGES = ("standard", "unit", "byte")
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """A training-time augmentation: a random crop of the ``pad``-px black-padded image (a random
+    shift by up to ±``pad`` px per axis), optionally followed by a random horizontal flip."""
+
+    pad: int
+    flip: bool
+    description: str
+
+
+AUGMENTATIONS = {
+    "none": Augmentation(0, False, "none"),
+    "shift1": Augmentation(
+        1, False, "random shift by up to ±1 px per axis (random crop of the 1-px black-padded "
+        "image), no flips",
+    ),
+    "crop4_flip": Augmentation(
+        4, True, "random crop of the 4-px black-padded image, then random horizontal flip",
+    ),
+}  # fmt: skip
+
+
 class DataMissingError(RuntimeError):
     """The CIFAR files are not where they were looked for."""
 
@@ -90,29 +113,54 @@ class ImageData:
         )
 
 
-def load_digits_data(test_fraction: float = 0.3, split_seed: int = 0) -> ImageData:
-    """scikit-learn's 1,797 8×8 digits, a fixed stratified split, standardised by train stats."""
+DIGITS_MAX = 16.0  # scikit-learn's digits are integer intensities 0 … 16
+
+
+def load_digits_data(
+    input_range: str = "standard",
+    validation: bool = False,
+    test_fraction: float = 0.3,
+    split_seed: int = 0,
+) -> ImageData:
+    """scikit-learn's 1,797 8×8 digits, a fixed stratified train/test split, in ``input_range``.
+
+    With ``validation`` the test images are left out entirely: a fixed stratified 20 % of the
+    training images becomes the held-out set (``test_x``) and the rest is trained on, so that
+    learning rates can be tuned without looking at the test set. "standard" subtracts the mean
+    and divides by the standard deviation of the images trained on; "unit" maps 0 … 16 to
+    [0, 1] and "byte" to [0, 255].
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    _check_range(input_range)
     bunch = load_digits()
     images = bunch.images.astype(np.float32)[:, None]
     x_tr, x_te, y_tr, y_te = train_test_split(
-        images,
-        bunch.target,
-        test_size=test_fraction,
-        random_state=split_seed,
+        images, bunch.target, test_size=test_fraction, random_state=split_seed,
         stratify=bunch.target,
-    )
-    mean, std = float(x_tr.mean()), float(x_tr.std())
+    )  # fmt: skip
+    if validation:
+        x_tr, x_te, y_tr, y_te = train_test_split(
+            x_tr, y_tr, test_size=0.2, random_state=split_seed, stratify=y_tr
+        )
+    if input_range == "standard":
+        shift, scale = float(x_tr.mean()), float(x_tr.std())
+    else:
+        shift, scale = 0.0, DIGITS_MAX / (1.0 if input_range == "unit" else 255.0)
     return ImageData(
-        torch.from_numpy((x_tr - mean) / std),
+        torch.from_numpy((x_tr - shift) / scale),
         torch.from_numpy(y_tr).long(),
-        torch.from_numpy((x_te - mean) / std),
+        torch.from_numpy((x_te - shift) / scale),
         torch.from_numpy(y_te).long(),
         10,
-        torch.full((1,), -mean / std),
+        torch.full((1,), -shift / scale),
     )
+
+
+def _check_range(input_range: str) -> None:
+    if input_range not in INPUT_RANGES:
+        raise ValueError(f"input_range must be one of {INPUT_RANGES}, got {input_range!r}")
 
 
 def _missing_message(dataset: str, root: Path) -> str:
@@ -165,8 +213,7 @@ def _to_range(images: Tensor, input_range: str, mean: Tensor, std: Tensor) -> Te
 
 def load_cifar(dataset: str, root: Path, input_range: str = "standard") -> ImageData:
     """CIFAR-10/100 from torchvision's pickle batches under ``root``, in ``input_range``."""
-    if input_range not in INPUT_RANGES:
-        raise ValueError(f"input_range must be one of {INPUT_RANGES}, got {input_range!r}")
+    _check_range(input_range)
     spec = CIFAR[dataset]
     folder = root / spec.folder
     if not folder.is_dir():
@@ -185,17 +232,21 @@ def load_cifar(dataset: str, root: Path, input_range: str = "standard") -> Image
     )
 
 
-def augment(x: Tensor, fill: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
-    """Random crop with ``pad`` pixels of black padding, then random horizontal flip, batched."""
+def augment(x: Tensor, fill: Tensor, generator: torch.Generator, how: Augmentation) -> Tensor:
+    """Apply ``how`` to a batch: each image is cropped at its own random offset from the
+    ``how.pad``-px padded image (padding value ``fill``, per channel) and, with ``how.flip``,
+    mirrored left-right with probability ½."""
+    pad = how.pad
     b, c, h, w = x.shape
     padded = fill.view(1, c, 1, 1).expand(b, c, h + 2 * pad, w + 2 * pad).clone()
     padded[:, :, pad : pad + h, pad : pad + w] = x
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    flip = torch.rand(b, generator=generator).to(x.device) < 0.5
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    if how.flip:
+        flip = torch.rand(b, generator=generator).to(x.device) < 0.5
+        cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
     batch = torch.arange(b, device=x.device)[:, None, None, None]
     chan = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, chan, rows, cols]

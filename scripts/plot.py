@@ -1,240 +1,286 @@
-"""Turn a results directory into paper-style figures and a markdown table.
+"""Figures and tables of a results directory.
 
     python scripts/plot.py RESULTS_DIR
 
-reads RESULTS_DIR/runs/*.json (one file per run, written by reproduce.py) and writes
-RESULTS_DIR/accuracy.png (final test accuracy vs epoch budget, or vs λ; baselines dashed, TrAct
-solid, ±1 std shaded, one panel per model/optimizer, like Fig. 3 of the paper),
-RESULTS_DIR/curves.png (test accuracy per epoch of each panel's longest budget) and
-RESULTS_DIR/summary.md (the table reproduce.py prints).
+reads RESULTS_DIR/results.json (written by reproduce.py), recomputes its summary and writes, for
+the panels it has: accuracy.png (final test accuracy vs epoch budget with ±1 std error bars, and
+the paired difference to the baseline with its 95 % interval), loss.png (training-loss curves per
+epoch at the longest budget, and final training loss vs budget), lambda.png (accuracy and paired
+difference vs λ), input_range.png (accuracy with standardised, [0, 1] and [0, 255] inputs), and
+summary.md (the tables reproduce.py prints).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-BASELINE = "baseline"
+import summary as summ
+
+BASELINE = summ.BASELINE
+Runs = summ.Runs
+COLORS = {BASELINE: "#555555"}
+PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
-@dataclass(frozen=True)
-class Cell:
-    """Final test accuracies of the runs of one panel, series and x value (budget or λ)."""
-
-    by_seed: tuple[tuple[int, float], ...]
-
-    @property
-    def accs(self) -> list[float]:
-        return [acc for _, acc in self.by_seed]
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.accs)
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.accs) if len(self.accs) > 1 else 0.0
-
-    def text(self) -> str:
-        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}"
+def _color(name: str, names: Sequence[str]) -> str:
+    others = [n for n in names if n != BASELINE]
+    return COLORS.get(name) or PALETTE[others.index(name) % len(PALETTE)]
 
 
-def paired(base: Cell, other: Cell) -> str:
-    """Mean accuracy difference over the seeds both share (same init and data order), in
-    points, and on how many of them ``other`` is ahead."""
-    ref = dict(base.by_seed)
-    diffs = [acc - ref[seed] for seed, acc in other.by_seed if seed in ref]
-    if not diffs:
-        return ""
-    wins = sum(d > 0 for d in diffs)
-    return f"{100 * statistics.fmean(diffs):+.2f} ({wins}/{len(diffs)})"
+def _series_values(panel: dict[str, Any], runs: Runs, key: str, scale: float) -> dict[str, Any]:
+    """series → x → list of finite values of result ``key`` (× ``scale``), in member order."""
+    out: dict[str, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for m in panel["members"]:
+        v = runs[m["run_id"]][key]
+        if v is not None:
+            out[m["series"]][m["x"]].append(scale * v)
+    return out
 
 
-Table = dict[str, dict[str, dict[float, Cell]]]  # panel → series → x → cell
+def _mean_std(vs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(vs), statistics.stdev(vs) if len(vs) > 1 else 0.0
 
 
-def load_results(results_dir: Path) -> list[dict[str, Any]]:
-    """Every run's result dict under ``results_dir/runs``, in the grid's order where
-    ``results.json`` records it (so panels come out as reproduce.py printed them)."""
-    files = sorted((results_dir / "runs").glob("*.json"))
-    if not files:
-        raise SystemExit(f"no run results in {results_dir / 'runs'}; run reproduce.py first")
-    runs = [json.loads(f.read_text()) for f in files]
-    order: dict[str, int] = {}
-    if (results_dir / "results.json").exists():
-        grid = json.loads((results_dir / "results.json").read_text())["runs"]
-        order = {r["run_id"]: i for i, r in enumerate(grid)}
-    return sorted(runs, key=lambda r: order.get(r["run_id"], len(order)))
+def _seeds(panel: dict[str, Any], runs: Runs) -> int:
+    return len({runs[m["run_id"]]["config"]["seed"] for m in panel["members"]})
 
 
-def _x(config: dict[str, Any]) -> float:
-    """A run's x value: its budget, or its λ where the panel plots against λ (a run without
-    TrAct then has none: NaN, drawn as a horizontal line)."""
-    if config["x_axis"] != "lam":
-        return float(config["epochs"])
-    return float(config["lam"]) if config["tract"] else math.nan
-
-
-def tabulate(results: list[dict[str, Any]]) -> Table:
-    """Group final test accuracies by panel, series and x value, in first-seen order."""
-    accs: dict[str, dict[str, dict[float, list[tuple[int, float]]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list))
-    )
-    for r in results:
-        c = r["config"]
-        accs[c["panel"]][c["series"]][_x(c)].append((c["seed"], r["final_test_acc"]))
-    return {
-        panel: {
-            s: {x: Cell(tuple(sorted(v))) for x, v in sorted(xs.items())}
-            for s, xs in series.items()
-        }
-        for panel, series in accs.items()
-    }
-
-
-def _x_axis(results: list[dict[str, Any]], panel: str) -> str:
-    return next(r["config"]["x_axis"] for r in results if r["config"]["panel"] == panel)
-
-
-def first_match(table: dict[str, dict[float, Cell]], series: str) -> tuple[float, float | None]:
-    """The baseline's best mean accuracy and the smallest budget where ``series`` reaches it."""
-    best = max(c.mean for c in table[BASELINE].values())
-    hits = [x for x, c in table[series].items() if c.mean >= best]
-    return best, (min(hits) if hits else None)
-
-
-def _xs(series: dict[str, dict[float, Cell]]) -> list[float]:
-    """The x values of a panel, without the NaN of runs that have no λ."""
-    return sorted({x for cells in series.values() for x in cells if not math.isnan(x)})
-
-
-def _cell(cells: dict[float, Cell], x: float) -> Cell | None:
-    """The cell at ``x``; a series without λ (NaN) has the same cell everywhere."""
-    flat = [c for key, c in cells.items() if math.isnan(key)]
-    return flat[0] if flat else cells.get(x)
-
-
-def _fmt_x(x: float) -> str:
-    return f"{x:g}"
-
-
-def markdown(results: list[dict[str, Any]]) -> str:
-    """Mean ± std test accuracy (%) per panel × budget (or λ) × series, the paired difference
-    to the baseline, then the budget at which each series reaches the baseline's best."""
-    table = tabulate(results)
-    lines: list[str] = []
-    for panel, series in table.items():
-        names = list(series)
-        by_lam = _x_axis(results, panel) == "lam"
-        xs = _xs(series)
-        others = [n for n in names if n != BASELINE] if BASELINE in series else []
-        head = ["λ" if by_lam else "epochs", *names, *(f"Δ {n} (wins)" for n in others)]
-        lines += [f"### {panel}", "", "| " + " | ".join(head) + " |"]
-        lines.append("|" + " --- |" * len(head))
-        for x in xs:
-            cells = [_cell(series[name], x) for name in names]
-            row = [_fmt_x(x), *(c.text() if c else "" for c in cells)]
-            base = _cell(series[BASELINE], x) if others else None
-            for name in others:
-                other = _cell(series[name], x)
-                row.append(paired(base, other) if base and other else "")
-            lines.append("| " + " | ".join(row) + " |")
-        if BASELINE in series and not by_lam:
-            lines.append("")
-            for name in names:
-                if name == BASELINE:
-                    continue
-                best, hit = first_match(series, name)
-                where = f"at {_fmt_x(hit)} epochs" if hit is not None else "at no budget tried"
-                lines.append(f"- {name} reaches the baseline's best ({100 * best:.2f}%) {where}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _style(name: str) -> dict[str, Any]:
-    return {"linestyle": "--" if name == BASELINE or "TrAct" not in name else "-", "marker": "o"}
-
-
-def plot_accuracy(results: list[dict[str, Any]], path: Path) -> None:
-    """Final test accuracy vs budget (or λ), one panel per model/optimizer."""
+def _figure(panels: Sequence[dict[str, Any]], rows: int = 1) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = tabulate(results)
-    fig, axes = plt.subplots(1, len(table), figsize=(4.2 * len(table), 3.6), squeeze=False)
-    for ax, (panel, series) in zip(axes[0], table.items(), strict=True):
-        by_lam = _x_axis(results, panel) == "lam"
-        xs_all = _xs(series)
-        for name, cells in series.items():
-            xs = [x for x in xs_all if _cell(cells, x) is not None]
-            picked = [_cell(cells, x) for x in xs]
-            mean = [100 * c.mean for c in picked if c is not None]
-            std = [100 * c.std for c in picked if c is not None]
-            (line,) = ax.plot(xs, mean, label=name, **_style(name))
-            low = [m - s for m, s in zip(mean, std, strict=True)]
-            high = [m + s for m, s in zip(mean, std, strict=True)]
-            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
-        ax.set_xscale("log", base=10 if by_lam else 2)
-        ax.set_xticks(xs_all, [_fmt_x(x) for x in xs_all])
-        _style_panel(ax, "λ" if by_lam else "epochs", panel)
-    _save(fig, path)
+    cols = len(panels)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    return fig, axes
 
 
-def _style_panel(ax: Any, xlabel: str, title: str) -> None:
-    """Labels, title, grid and legend shared by every accuracy panel."""
+def _finish(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
 
-def _save(fig: Any, path: Path) -> None:
-    """Write the figure as a PNG and free it."""
+def _save(fig: Any, path: Path, note: str) -> None:
+    """Write the figure with a one-line note under it, and free it."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8, color="#444444")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
-    """Test accuracy per epoch for each panel's longest budget (mean over seeds)."""
-    import matplotlib
+def _budget_axis(ax: Any, xs: Sequence[float]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(xs), [f"{x:g}" for x in xs])
+    ax.minorticks_off()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    panels = list(tabulate(results))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
-        runs = [r for r in results if r["config"]["panel"] == panel]
-        longest = max(r["config"]["epochs"] for r in runs)
+def _log_loss_axis(ax: Any) -> None:
+    """Log-scale y with plain-number labels at 1, 2 and 5 × each power of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def _delta_row(ax: Any, summary: dict[str, Any], xlabel: str) -> None:
+    """The paired accuracy difference TrAct − baseline per x, mean ± 95 % interval."""
+    names = list(dict.fromkeys(r["series"] for r in summary["rows"]))
+    for i, name in enumerate(names):
+        rows = [r for r in summary["rows"] if r["series"] == name and r["acc"]["paired"]]
+        pairs = [r["acc"]["paired"] for r in rows]
+        # One seed has no interval: draw the point alone.
+        low = [p["mean"] - p["ci_low"] if p["ci_low"] is not None else 0.0 for p in pairs]
+        high = [p["ci_high"] - p["mean"] if p["ci_high"] is not None else 0.0 for p in pairs]
+        ax.errorbar(
+            [r["x"] for r in rows], [p["mean"] for p in pairs], yerr=[low, high], marker="o",
+            capsize=3, label=name, color=PALETTE[i % len(PALETTE)],
+        )  # fmt: skip
+    ax.axhline(0.0, color=COLORS[BASELINE], linestyle="--", linewidth=1)
+    _finish(ax, xlabel, "Δ test accuracy (points)", f"{summary['title']}: TrAct − baseline")
+
+
+def plot_accuracy(
+    panels: Sequence[dict[str, Any]], runs: Runs, summaries: Sequence[dict[str, Any]], path: Path
+) -> None:
+    """Top: final test accuracy vs epoch budget, mean ± 1 std over seeds. Bottom: the paired
+    difference to the baseline with its 95 % interval. One column per panel."""
+    fig, axes = _figure(panels, rows=2)
+    for col, (panel, summary) in enumerate(zip(panels, summaries, strict=True)):
+        ax = axes[0][col]
+        values = _series_values(panel, runs, "final_test_acc", 100.0)
+        names = list(values)
+        for name, cells in values.items():
+            xs = sorted(cells)
+            stats = [_mean_std(cells[x]) for x in xs]
+            ax.errorbar(
+                xs, [m for m, _ in stats], yerr=[s for _, s in stats], label=name, marker="o",
+                capsize=3, linestyle="--" if name == BASELINE else "-",
+                color=_color(name, names),
+            )  # fmt: skip
+        budgets = sorted({x for c in values.values() for x in c})
+        _budget_axis(ax, budgets)
+        _finish(ax, "training budget (epochs)", "test accuracy (%)", panel["title"])
+        _delta_row(axes[1][col], summary, "training budget (epochs)")
+        _budget_axis(axes[1][col], budgets)
+    seeds = _seeds(panels[0], runs)
+    _save(
+        fig, path,
+        f"top: mean ± 1 std over {seeds} seeds; bottom: per-seed difference (same initialisation "
+        "and batches), mean ± 95 % t interval; TrAct reuses the baseline's lr",
+    )  # fmt: skip
+
+
+def plot_loss(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -> None:
+    """Top: training loss per epoch at each panel's longest budget (mean; range over seeds
+    shaded).
+    Bottom: final training loss vs budget (mean ± 1 std). Log-scale losses."""
+    fig, axes = _figure(panels, rows=2)
+    for col, panel in enumerate(panels):
+        top, bottom = axes[0][col], axes[1][col]
+        longest = max(m["x"] for m in panel["members"])
         curves: dict[str, list[list[float]]] = defaultdict(list)
-        for r in runs:
-            if r["config"]["epochs"] == longest:
-                curves[r["config"]["series"]].append([h["test_acc"] for h in r["history"]])
-        for name, accs in curves.items():
-            mean = [100 * statistics.fmean(col) for col in zip(*accs, strict=True)]
-            ax.plot(range(1, len(mean) + 1), mean, label=name, **{**_style(name), "marker": ""})
-        _style_panel(ax, f"epoch (budget {longest})", panel)
-    _save(fig, path)
+        for m in panel["members"]:
+            history = runs[m["run_id"]]["history"]
+            if m["x"] == longest and all(h["train_loss"] is not None for h in history):
+                curves[m["series"]].append([h["train_loss"] for h in history])
+        names = list(curves)
+        for name, per_seed in curves.items():
+            epochs = range(1, len(per_seed[0]) + 1)
+            columns = [list(col) for col in zip(*per_seed, strict=True)]
+            color = _color(name, names)
+            style = "--" if name == BASELINE else "-"
+            top.plot(epochs, [statistics.fmean(c) for c in columns], style, label=name, color=color)
+            # The range over seeds (a mean - std band can reach below zero on a log axis).
+            lows, highs = [min(c) for c in columns], [max(c) for c in columns]
+            top.fill_between(epochs, lows, highs, color=color, alpha=0.15)
+        _log_loss_axis(top)
+        top.xaxis.get_major_locator().set_params(integer=True)
+        _finish(top, f"epoch (of a {longest}-epoch run)", "training loss (nats)", panel["title"])
+        values = _series_values(panel, runs, "final_train_loss", 1.0)
+        for name, cells in values.items():
+            xs = sorted(cells)
+            stats = [_mean_std(cells[x]) for x in xs]
+            bottom.errorbar(
+                xs, [m for m, _ in stats], yerr=[s for _, s in stats], label=name, marker="o",
+                capsize=3, linestyle="--" if name == BASELINE else "-",
+                color=_color(name, list(values)),
+            )  # fmt: skip
+        _log_loss_axis(bottom)
+        _budget_axis(bottom, sorted({x for c in values.values() for x in c}))
+        _finish(bottom, "training budget (epochs)", "final training loss (nats)", panel["title"])
+    seeds = _seeds(panels[0], runs)
+    _save(
+        fig, path,
+        f"cross-entropy of the model on the un-augmented training set after each epoch; top: mean "
+        f"and range over {seeds} seeds; bottom: mean ± 1 std",
+    )  # fmt: skip
 
 
-def write_all(results_dir: Path, results: list[dict[str, Any]]) -> str:
-    """Write summary.md, accuracy.png and curves.png; return the markdown table."""
-    text = markdown(results)
+def plot_lambda(
+    panels: Sequence[dict[str, Any]], runs: Runs, summaries: Sequence[dict[str, Any]], path: Path
+) -> None:
+    """Top: TrAct's test accuracy vs λ (mean ± 1 std) against the baseline's (line and band).
+    Bottom: the paired difference to the baseline with its 95 % interval."""
+    fig, axes = _figure(panels, rows=2)
+    for col, (panel, summary) in enumerate(zip(panels, summaries, strict=True)):
+        ax = axes[0][col]
+        values = _series_values(panel, runs, "final_test_acc", 100.0)
+        lams = sorted(x for x in values["TrAct"])
+        stats = [_mean_std(values["TrAct"][x]) for x in lams]
+        ax.errorbar(
+            lams, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+            label="TrAct", color=PALETTE[0],
+        )  # fmt: skip
+        mean, std = _mean_std(values[BASELINE][None])
+        ax.axhline(mean, linestyle="--", color=COLORS[BASELINE], label="baseline")
+        ax.axhspan(mean - std, mean + std, color=COLORS[BASELINE], alpha=0.12)
+        _finish(ax, "λ (TrAct damping)", "test accuracy (%)", panel["title"])
+        _delta_row(axes[1][col], summary, "λ (TrAct damping)")
+        for a in (ax, axes[1][col]):
+            a.set_xscale("log")
+            a.set_xticks(lams, [f"{x:g}" for x in lams])
+            a.minorticks_off()
+    seeds = _seeds(panels[0], runs)
+    _save(
+        fig, path,
+        f"top: mean ± 1 std over {seeds} seeds (baseline: dashed line and band); bottom: "
+        "per-seed difference, mean ± 95 % t interval",
+    )  # fmt: skip
+
+
+def plot_input_range(
+    panels: Sequence[dict[str, Any]], runs: Runs, _summaries: Sequence[dict[str, Any]], path: Path
+) -> None:
+    """Grouped bars: test accuracy (mean ± 1 std) of each series for each input range (the
+    paired differences are in the table)."""
+    fig, axes = _figure(panels)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        values = _series_values(panel, runs, "final_test_acc", 100.0)
+        names = list(values)
+        ranges = list(dict.fromkeys(m["x"] for m in panel["members"]))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            stats = [_mean_std(values[name][r]) for r in ranges]
+            pos = [j + (i - (len(names) - 1) / 2) * width for j in range(len(ranges))]
+            means = [m for m, _ in stats]
+            ax.bar(
+                pos, means, width, yerr=[s for _, s in stats], capsize=3, label=name,
+                color=_color(name, names), alpha=0.85,
+            )  # fmt: skip
+            for x, m in zip(pos, means, strict=True):
+                ax.text(x, 2, f"{m:.1f}", ha="center", va="bottom", fontsize=7, color="white")
+        ax.set_xticks(range(len(ranges)), ranges)
+        ax.set_ylim(0, 115)  # headroom for the legend above 100 %
+        ax.set_yticks(range(0, 101, 20))
+        _finish(ax, "input range (model inputs)", "test accuracy (%)", panel["title"])
+        ax.legend(fontsize=8, loc="upper center", ncol=len(names))
+    seeds = _seeds(panels[0], runs)
+    _save(
+        fig, path,
+        f"mean ± 1 std over {seeds} seeds; both arms keep the lr tuned for standardised inputs",
+    )  # fmt: skip
+
+
+Draw = Callable[[Sequence[dict[str, Any]], Runs, Sequence[dict[str, Any]], Path], None]
+FIGURES: dict[str, tuple[str, Draw]] = {
+    "budget": ("accuracy.png", plot_accuracy),
+    "lambda": ("lambda.png", plot_lambda),
+    "input_range": ("input_range.png", plot_input_range),
+}
+
+
+def write_all(
+    results_dir: Path,
+    panels: Sequence[dict[str, Any]],
+    runs: Runs,
+    summaries: Sequence[dict[str, Any]],
+) -> str:
+    """Write summary.md (from ``summaries``) and the figures of every panel kind present; return
+    the markdown."""
+    text = summ.markdown(summaries)
     (results_dir / "summary.md").write_text(text)
-    plot_accuracy(results, results_dir / "accuracy.png")
-    plot_curves(results, results_dir / "curves.png")
+    by_title = {s["title"]: s for s in summaries}
+    for kind, (name, draw) in FIGURES.items():
+        chosen = [p for p in panels if p["kind"] == kind]
+        if chosen:
+            draw(chosen, runs, [by_title[p["title"]] for p in chosen], results_dir / name)
+    budget = [p for p in panels if p["kind"] == "budget"]
+    if budget:
+        plot_loss(budget, runs, results_dir / "loss.png")
     return text
 
 
@@ -242,7 +288,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results_dir", type=Path)
     args = parser.parse_args()
-    print(write_all(args.results_dir, load_results(args.results_dir)))
+    path = args.results_dir / "results.json"
+    if not path.exists():
+        raise SystemExit(f"no {path}; run reproduce.py (with --resume to finish a killed run)")
+    results = json.loads(path.read_text())
+    runs = {r["run_id"]: r for r in results["runs"]}
+    results["summary"] = summ.summarize(results["panels"], runs)
+    path.write_text(json.dumps(results, indent=1))
+    print(write_all(args.results_dir, results["panels"], runs, results["summary"]))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ all RNG states, so a killed run continues to the same final numbers (bit-identic
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import time
@@ -37,20 +39,26 @@ OPTIMIZERS = ("sgd", "adam", "sgd_first_adam_rest")
 SCHEDULES = ("cosine", "multistep_warmup")
 
 
+EVAL_SPLITS = ("test", "validation")
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that determines one run; ``panel``/``series`` only say where it is plotted."""
+    """Every setting that determines one run (and nothing else, so equal configs are one run).
 
-    panel: str
-    series: str
+    ``lam`` is TrAct's damping (``None`` for a baseline). ``augment`` names an entry of
+    ``data.AUGMENTATIONS``. ``evaluate_on="validation"`` trains on the training images minus a
+    held-out 20 % and evaluates on those (learning-rate tuning); "test" trains on all training
+    images and evaluates on the test set.
+    """
+
     dataset: str
     model: str
     optimizer: str
     lr: float
     epochs: int
     seed: int
-    tract: bool
-    lam: float = 0.1
+    lam: float | None = None
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -58,15 +66,34 @@ class RunConfig:
     schedule: str = "cosine"
     label_smoothing: float = 0.0
     input_range: str = "standard"
-    augment: bool = False
-    x_axis: str = "epochs"  # plotting hint: "epochs" or "lam"
+    augment: str = "none"
+    evaluate_on: str = "test"
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("model", self.model, tuple(MODELS)),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("schedule", self.schedule, SCHEDULES),
+            ("input_range", self.input_range, data.INPUT_RANGES),
+            ("augment", self.augment, tuple(data.AUGMENTATIONS)),
+            ("evaluate_on", self.evaluate_on, EVAL_SPLITS),
+        ]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"RunConfig.{name} must be one of {allowed}, got {value!r}")
+        if self.lam is not None and not self.lam > 0:
+            raise ValueError(f"RunConfig.lam must be > 0 (or None for a baseline), got {self.lam}")
+        if self.optimizer == "sgd_first_adam_rest" and self.lam is None:
+            raise ValueError("optimizer 'sgd_first_adam_rest' is only wired up with TrAct: set lam")
 
     @property
     def run_id(self) -> str:
-        """A file-name-safe identifier, unique within a results directory."""
-        method = f"tract-lam{self.lam:g}" if self.tract else "baseline"
+        """A readable, file-name-safe identifier, unique per configuration (it ends in a hash
+        of every setting)."""
+        method = f"tract-lam{self.lam:g}" if self.lam is not None else "baseline"
         parts = [self.dataset, self.model, self.optimizer, self.input_range, method]
-        return "_".join([*parts, f"lr{self.lr:g}", f"e{self.epochs}", f"s{self.seed}"])
+        digest = hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+        return "_".join([*parts, f"lr{self.lr:g}", f"e{self.epochs}", f"s{self.seed}", digest[:8]])
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,9 +124,12 @@ class Schedule:
 
 
 def load_data(cfg: RunConfig, data_dir: Path) -> data.ImageData:
-    """The dataset a run trains on (CPU tensors)."""
+    """The dataset a run trains and evaluates on (CPU tensors)."""
+    validation = cfg.evaluate_on == "validation"
     if cfg.dataset == "digits":
-        return data.load_digits_data()
+        return data.load_digits_data(cfg.input_range, validation)
+    if validation:
+        raise ValueError("evaluate_on='validation' is implemented for the digits demo only")
     return data.load_cifar(cfg.dataset, data_dir, cfg.input_range)
 
 
@@ -111,14 +141,14 @@ def _inner_optimizer(
         return torch.optim.SGD(model.parameters(), cfg.lr, cfg.momentum, weight_decay=wd)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), cfg.lr, weight_decay=wd)
-    if cfg.optimizer == "sgd_first_adam_rest" and first is not None:
+    if first is not None:  # "sgd_first_adam_rest"
         first_ids = {id(p) for p in first.parameters()}
         rest = [p for p in model.parameters() if id(p) not in first_ids]
         return [
             torch.optim.SGD(first.parameters(), cfg.first_lr, cfg.momentum, weight_decay=wd),
             torch.optim.Adam(rest, cfg.lr, weight_decay=wd),
         ]
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    raise ValueError("optimizer 'sgd_first_adam_rest' needs the first layer")
 
 
 @dataclass
@@ -137,48 +167,42 @@ def build(cfg: RunConfig, train_x: Tensor, device: torch.device) -> Trainer:
     torch.manual_seed(cfg.seed)
     model = MODELS[cfg.model](10 if cfg.dataset != "cifar100" else 100).to(device)
     # Baselines need no first layer (and the patch-normalised ViTs have none that sees raw pixels).
-    first = None
-    if cfg.tract or cfg.optimizer == "sgd_first_adam_rest":
-        first = find_first_layer(model, train_x[:8].to(device))
+    first = find_first_layer(model, train_x[:8].to(device)) if cfg.lam is not None else None
     built = _inner_optimizer(cfg, model, first)
     inner = built if isinstance(built, list) else [built]
     steps = math.ceil(train_x.shape[0] / cfg.batch_size)
     schedule = Schedule(cfg.schedule, cfg.epochs, steps)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in inner]
     optimizer: torch.optim.Optimizer = inner[0]
-    if first is not None and cfg.tract:
+    if first is not None and cfg.lam is not None:  # both set together; the check is for mypy
         optimizer = TrActOptimizer(built, first, lam=cfg.lam)
-    elif len(inner) > 1:
-        raise ValueError("several inner optimizers are only wired up with TrAct here")
     generator = torch.Generator().manual_seed(cfg.seed)
     return Trainer(model, optimizer, inner, schedulers, generator)
 
 
-def _train_epoch(cfg: RunConfig, t: Trainer, d: data.ImageData) -> tuple[float, float]:
-    """One epoch; returns mean train loss and accuracy (in train mode, on augmented data)."""
+def _train_epoch(cfg: RunConfig, t: Trainer, d: data.ImageData) -> float:
+    """One epoch; returns the mean loss over its (augmented) mini-batches, as the optimizer saw
+    them (not finite if any batch's loss was not)."""
     t.model.train()
+    how = data.AUGMENTATIONS[cfg.augment]
     loss_sum = torch.zeros((), device=d.train_x.device)
-    correct = torch.zeros((), dtype=torch.long, device=d.train_x.device)
     for idx in data.batches(d.train_x.shape[0], cfg.batch_size, t.generator, d.train_x.device):
         x, y = d.train_x[idx], d.train_y[idx]
-        if cfg.augment:
-            x = data.augment(x, d.fill, t.generator)
-        logits = t.model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if how.pad or how.flip:
+            x = data.augment(x, d.fill, t.generator, how)
+        loss = F.cross_entropy(t.model(x), y, label_smoothing=cfg.label_smoothing)
         t.optimizer.zero_grad()
         loss.backward()
         t.optimizer.step()
         for scheduler in t.schedulers:
             scheduler.step()
         loss_sum += loss.detach() * y.shape[0]  # summed on the device: no sync per step
-        correct += (logits.argmax(1) == y).sum()
-    n = d.train_x.shape[0]
-    return float(loss_sum) / n, int(correct) / n
+    return float(loss_sum) / d.train_x.shape[0]
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on (x, y) in eval mode."""
+    """Mean cross-entropy (nats) and accuracy on (x, y) in eval mode, without augmentation."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, x.shape[0], batch_size):
@@ -202,7 +226,7 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _restore(path: Path, cfg: RunConfig, t: Trainer) -> tuple[list[dict[str, float]], float]:
+def _restore(path: Path, cfg: RunConfig, t: Trainer) -> tuple[list[dict[str, Any]], float]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if ckpt["config"] != cfg.as_dict():
         raise ValueError(f"{path} belongs to another configuration; delete it or change --out")
@@ -217,37 +241,56 @@ def _restore(path: Path, cfg: RunConfig, t: Trainer) -> tuple[list[dict[str, flo
     return ckpt["history"], ckpt["wall_time_s"]
 
 
+def _finite(value: float) -> float | None:
+    """``value``, or ``None`` (JSON ``null``) if it is NaN or infinite."""
+    return value if math.isfinite(value) else None
+
+
+def _diverged(record: dict[str, Any]) -> bool:
+    """Whether an epoch's record shows a non-finite training loss."""
+    return record["batch_loss"] is None or record["train_loss"] is None
+
+
 def train_run(
     cfg: RunConfig,
     d: data.ImageData,
     device: torch.device,
     checkpoint: Path | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train one run (continuing from ``checkpoint`` if it exists) and return its results.
 
-    ``d`` must already be on ``device``. ``on_epoch(epoch, record)`` is called after each epoch's
-    checkpoint is written, so interrupting a run from there loses nothing.
+    ``d`` must already be on ``device``. After every epoch the model is evaluated on the whole
+    un-augmented training set and on the held-out set. A run whose training loss stops being
+    finite is marked ``diverged`` and ends there (its losses are recorded as ``None``).
+    ``on_epoch(epoch, record)`` is called after each epoch's checkpoint is written, so
+    interrupting a run from there loses nothing.
     """
     t = build(cfg, d.train_x, device)
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     wall = 0.0
     if checkpoint is not None and checkpoint.exists():
         history, wall = _restore(checkpoint, cfg, t)
+    diverged = bool(history) and _diverged(history[-1])
     for epoch in range(len(history) + 1, cfg.epochs + 1):
+        if diverged:
+            break
         start = time.perf_counter()
-        train_loss, train_acc = _train_epoch(cfg, t, d)
+        batch_loss = _train_epoch(cfg, t, d)
+        train_loss, train_acc = evaluate(t.model, d.train_x, d.train_y)
         test_loss, test_acc = evaluate(t.model, d.test_x, d.test_y)
         wall += time.perf_counter() - start
         record = {
             "epoch": epoch,
-            "train_loss": train_loss,
+            "train_loss": _finite(train_loss),
             "train_acc": train_acc,
-            "test_loss": test_loss,
+            "test_loss": _finite(test_loss),
             "test_acc": test_acc,
+            "batch_loss": _finite(batch_loss),
             "lr": t.inner[-1].param_groups[0]["lr"],
         }
         history.append(record)
+        diverged = _diverged(record)
         if checkpoint is not None:
             payload = {
                 "config": cfg.as_dict(),
@@ -263,12 +306,17 @@ def train_run(
             on_epoch(epoch, record)
     if isinstance(t.optimizer, TrActOptimizer):
         t.optimizer.remove()
+    last = history[-1]
     return {
         "run_id": cfg.run_id,
         "config": cfg.as_dict(),
+        "augmentation": data.AUGMENTATIONS[cfg.augment].description,
         "history": history,
-        "final_test_acc": history[-1]["test_acc"],
-        "final_test_loss": history[-1]["test_loss"],
+        "final_test_acc": last["test_acc"],
+        "final_test_loss": last["test_loss"],
+        "final_train_loss": last["train_loss"],
+        "final_train_acc": last["train_acc"],
+        "diverged": diverged,
         "wall_time_s": wall,
         "device": str(device),
         "torch": torch.__version__,

@@ -1,61 +1,237 @@
-"""scripts/reproduce.py end to end, resumption, the CIFAR reader, augmentation and schedules."""
+"""scripts/reproduce.py end to end, its statistics, resumption, the data, augmentation, presets."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
-import re
+import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import data  # noqa: E402
+import presets  # noqa: E402
 import reproduce  # noqa: E402
+import summary  # noqa: E402
 import train  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """Train in one thread, as the demo's workers do: the models are too small to gain from more,
+    and on a shared machine extra threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_quick_demo_end_to_end(tmp_path: Path) -> None:
-    """--quick writes one JSON per run, the combined JSON, figures and prints the table."""
+    """--quick trains every panel of the demo in worker processes and writes per-run JSON with
+    settings and curves, results.json, summary.md and the four figures; the printed numbers
+    are those of the runs."""
     out = tmp_path / "quick"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tract_optim
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "reproduce.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    assert len(runs) == 16  # 2 models × 2 optimizers × 2 budgets × (baseline, TrAct), 1 seed
-    assert len(json.loads((out / "results.json").read_text())["runs"]) == 16
-    for name in ("accuracy.png", "curves.png"):
+        capture_output=True, text=True, timeout=300, check=True, env=env,
+    )  # fmt: skip
+    for name in ("accuracy.png", "loss.png", "lambda.png", "input_range.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((out / "checkpoints").iterdir())  # finished runs leave no checkpoint
-    for run in runs:
-        cfg = run["config"]
-        assert [h["epoch"] for h in run["history"]] == list(range(1, cfg["epochs"] + 1))
-        assert all(0.0 <= h["test_acc"] <= 1.0 for h in run["history"])
-        # With one seed each printed cell is that run's final accuracy: find it in its row.
-        section = proc.stdout.split(f"### {cfg['panel']}")[1].split("###")[0]
-        row = re.search(rf"^\| {cfg['epochs']} \|(.*)$", section, re.MULTILINE)
-        assert row is not None
-        column = 0 if cfg["series"] == "baseline" else 1
-        shown = row.group(1).split("|")[column].strip()
-        assert shown == f"{100 * run['final_test_acc']:.2f} ± 0.00"
-    assert "reaches the baseline's best" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["jobs"] == min(2, os.cpu_count() or 1)
+    expected = presets.unique_runs(presets.build(None, presets.Overrides(), quick=True))
+    runs = {r["run_id"]: r for r in results["runs"]}
+    assert sorted(runs) == sorted(r.run_id for r in expected)
+    assert sorted(p.stem for p in (out / "runs").glob("*.json")) == sorted(runs)
+    for run in runs.values():
+        cfg = train.RunConfig(**run["config"])  # every setting is recorded
+        assert cfg.run_id == run["run_id"]
+        assert cfg.augment == "shift1" and "±1 px" in run["augmentation"]
+        assert [h["epoch"] for h in run["history"]] == list(range(1, cfg.epochs + 1))
+        assert run["final_train_loss"] == run["history"][-1]["train_loss"] > 0
+        assert run["final_test_acc"] == run["history"][-1]["test_acc"]
+    assert {p["kind"] for p in results["panels"]} == {"budget", "lambda", "input_range"}
+    assert (out / "summary.md").read_text() in proc.stdout
+
+    # One printed cell against the runs, recomputed here: CNN / SGD at 2 epochs, baseline.
+    panel = results["panels"][0]
+    accs = [
+        100 * runs[m["run_id"]]["final_test_acc"]
+        for m in panel["members"]
+        if m["series"] == "baseline" and m["x"] == 2
+    ]
+    cell = f"| 2 | {statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f} |"
+    section = proc.stdout.split(f"### {panel['title']}")[1].split("###")[0]
+    assert cell in section
+
+    # A run trained in a worker process equals the same run trained here (to rounding, in case
+    # the two processes' kernels sum in different orders).
+    some = next(iter(runs.values()))
+    cfg = train.RunConfig(**some["config"])
+    here = train.train_run(cfg, data.load_digits_data(cfg.input_range), CPU)["history"]
+    for mine, theirs in zip(here, some["history"], strict=True):
+        assert mine == pytest.approx(theirs, rel=1e-5)
 
 
-def _tiny(optimizer: str, schedule: str, augment: bool) -> train.RunConfig:
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(-5, 5, allow_nan=False, allow_subnormal=False),
+            st.floats(-5, 5, allow_nan=False, allow_subnormal=False),
+        ),
+        min_size=2,
+        max_size=12,
+    )
+)
+def test_paired_statistics_match_scipy(pairs: list[tuple[float, float]]) -> None:
+    """Mean, standard error and 95 % interval of the paired difference against scipy's paired
+    t-test (t = mean / SE; its own confidence interval); wins and ties counted by hand."""
+    from scipy import stats
+
+    base = {s: b for s, (b, _) in enumerate(pairs)}
+    other = {s: o for s, (_, o) in enumerate(pairs)}
+    p = summary.paired(base, other, higher_is_better=True)
+    assert p is not None
+    diffs = np.array([o - b for b, o in pairs], dtype=np.float64)
+    assert p.n == len(pairs)
+    assert p.mean == pytest.approx(diffs.mean(), abs=1e-9)
+    assert p.better == int((diffs > 0).sum()) and p.ties == int((diffs == 0).sum())
+    lower = summary.paired(base, other, higher_is_better=False)
+    assert lower is not None and lower.better == int((diffs < 0).sum())
+    se = diffs.std(ddof=1) / math.sqrt(len(diffs))
+    assert p.se == pytest.approx(se, rel=1e-6, abs=1e-9)
+    if se > 1e-6:
+        test = stats.ttest_rel(np.array([o for _, o in pairs]), np.array([b for b, _ in pairs]))
+        ci = test.confidence_interval(0.95)
+        assert p.mean / p.se == pytest.approx(test.statistic, rel=1e-6)
+        assert (p.ci_low, p.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-6, abs=1e-9)
+
+
+def test_paired_uses_shared_finite_seeds_only() -> None:
+    base = {0: 1.0, 1: 2.0, 2: None, 3: 5.0}
+    other = {0: 2.0, 1: 2.0, 2: 9.0, 4: 7.0}
+    p = summary.paired(base, other, higher_is_better=True)
+    assert p is not None
+    assert (p.n, p.mean, p.better, p.ties) == (2, 0.5, 1, 1)
+    assert summary.paired({0: None}, {0: 1.0}, True) is None
+    one = summary.paired({0: 1.0}, {0: 3.0}, True)
+    assert one is not None and one.se is None and one.ci_low is None
+
+
+@pytest.mark.parametrize(
+    ("base", "other", "higher", "expected"),
+    [
+        # Baseline best 92 first at 8 epochs; TrAct's mean reaches 92 at 4: 2× faster. It was
+        # at 90 at 2 epochs, so it crosses 92 at 2 · 2^(2/2) = 4 epochs exactly.
+        ({1: 80, 2: 85, 4: 90, 8: 92, 16: 92}, {1: 85, 2: 90, 4: 92, 8: 93, 16: 93}, True,
+         (92, 8, 4, 2.0, 4.0)),
+        # Never reached: no factor.
+        ({1: 80, 2: 90}, {1: 79, 2: 89.9}, True, (90, 2, None, None, None)),
+        # Losses: lower is better; baseline best 0.1 at 16, TrAct ≤ 0.1 from 4 on: 4×. From 1.5
+        # at 1 epoch to 0.09 at 4, 0.1 is crossed at 1 · 4^(1.4/1.41) epochs.
+        ({1: 2.0, 4: 0.5, 16: 0.1}, {1: 1.5, 4: 0.09, 16: 0.05}, False,
+         (0.1, 16, 4, 4.0, 4 ** (1.4 / 1.41))),
+        # Reached only later than the baseline's own best: a factor below 1.
+        ({1: 3.0, 2: 1.0, 4: 1.2}, {1: 3.0, 2: 1.1, 4: 0.9}, False, (1.0, 2, 4, 0.5, 2 * 2**0.5)),
+        # Reached at the smallest budget: nothing to interpolate.
+        ({1: 50, 2: 60}, {1: 70, 2: 80}, True, (60, 2, 1, 2.0, None)),
+    ],
+)  # fmt: skip
+def test_speedup_factor(
+    base: dict[float, float], other: dict[float, float], higher: bool, expected: tuple[Any, ...]
+) -> None:
+    got = summary.speedup(dict(base), dict(other), higher)
+    keys = ("baseline_best", "baseline_budget", "budget", "factor", "budget_interpolated")
+    assert tuple(got[k] for k in keys) == pytest.approx(expected)
+    if expected[4] is not None:
+        assert got["factor_interpolated"] == pytest.approx(expected[1] / expected[4])
+
+
+def test_digits_input_ranges_and_validation_split() -> None:
+    """The three input ranges are the same images (same split) mapped from scikit-learn's 0 … 16
+    intensities; the validation split is a stratified 20 % of the training images, disjoint from
+    what is trained on, and leaves the test images out."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images.astype(np.float64)
+    by_range = {r: data.load_digits_data(r) for r in data.INPUT_RANGES}
+    unit, byte, std = by_range["unit"], by_range["byte"], by_range["standard"]
+    np.testing.assert_allclose(byte.train_x.double().numpy(), 255 * unit.train_x.double().numpy(),
+                               rtol=1e-5, atol=1e-4)  # fmt: skip
+    assert unit.train_x.min() == 0 and unit.train_x.max() == 1
+    # Every unit-range image is one of the dataset's images divided by 16.
+    flat = {tuple(np.round(img.ravel() / 16, 5)) for img in raw}
+    assert all(tuple(np.round(x.double().numpy().ravel(), 5)) in flat for x in unit.test_x)
+    x = unit.train_x.double().numpy() * 16
+    expected = (x - x.mean()) / x.std()
+    np.testing.assert_allclose(std.train_x.double().numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert std.fill.item() == pytest.approx(-x.mean() / x.std(), rel=1e-5)
+    assert unit.fill.item() == 0 and byte.fill.item() == 0
+    for d in by_range.values():
+        assert torch.equal(d.train_y, unit.train_y) and torch.equal(d.test_y, unit.test_y)
+    assert (len(unit.train_y), len(unit.test_y)) == (1257, 540)
+
+    val = data.load_digits_data("unit", validation=True)
+    assert (len(val.train_y), len(val.test_y)) == (1005, 252)
+    rows = lambda t: {tuple(r) for r in t.reshape(len(t), -1).tolist()}  # noqa: E731
+    train_rows, held_out = rows(val.train_x), rows(val.test_x)
+    assert train_rows | held_out <= rows(unit.train_x)
+    assert not held_out & rows(unit.test_x)
+    assert np.bincount(val.test_y.numpy()).min() >= 24  # stratified: every digit held out
+
+
+def test_shift_augmentation_is_a_one_pixel_shift_without_flips() -> None:
+    """Brute force: every output is one of the 9 crops of the 1-px padded image (never mirrored),
+    and over a batch all 9 shifts occur; crop4_flip mirrors some images."""
+    x = torch.randn(200, 1, 5, 5)
+    fill = torch.tensor([-2.0])
+    out = data.augment(x, fill, torch.Generator().manual_seed(0), data.AUGMENTATIONS["shift1"])
+    padded = torch.full((200, 1, 7, 7), -2.0)
+    padded[:, :, 1:6, 1:6] = x
+    seen = set()
+    for i in range(200):
+        hits = [(a, b) for a in range(3) for b in range(3)
+                if torch.equal(out[i], padded[i, :, a : a + 5, b : b + 5])]  # fmt: skip
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert len(seen) == 9
+
+    flip = data.AUGMENTATIONS["crop4_flip"]
+    out = data.augment(x, fill, torch.Generator().manual_seed(0), flip)
+    padded = torch.full((200, 1, 13, 13), -2.0)
+    padded[:, :, 4:9, 4:9] = x
+    mirrored = 0
+    for i in range(200):
+        crops = [padded[i, :, a : a + 5, b : b + 5] for a in range(9) for b in range(9)]
+        plain = any(torch.equal(out[i], c) for c in crops)
+        flipped = any(torch.equal(out[i], c.flip(-1)) for c in crops)
+        assert plain or flipped
+        mirrored += flipped and not plain
+    assert mirrored > 50
+
+
+def _tiny(optimizer: str, schedule: str, augment: str) -> train.RunConfig:
     return train.RunConfig(
-        "p", "TrAct", "digits", "digits_cnn", optimizer, 0.05, 3, 7, True,
-        batch_size=256, schedule=schedule, augment=augment, first_lr=0.1,
+        "digits", "digits_cnn", optimizer, 0.05, 2, 7, lam=0.1, batch_size=256,
+        schedule=schedule, augment=augment, first_lr=0.1,
     )  # fmt: skip
 
 
@@ -65,32 +241,120 @@ class _Killed(Exception):
 
 @pytest.mark.parametrize(
     ("optimizer", "schedule", "augment"),
-    [("sgd", "cosine", False), ("sgd_first_adam_rest", "multistep_warmup", True)],
+    [("sgd", "cosine", "none"), ("sgd_first_adam_rest", "multistep_warmup", "shift1")],
 )
 def test_resume_equals_uninterrupted(
-    tmp_path: Path, optimizer: str, schedule: str, augment: bool
+    tmp_path: Path, optimizer: str, schedule: str, augment: str
 ) -> None:
     cfg = _tiny(optimizer, schedule, augment)
     d = data.load_digits_data()
-    cpu = torch.device("cpu")
-    reference = train.train_run(cfg, d, cpu)
+    reference = train.train_run(cfg, d, CPU)
 
-    def kill_after_two(epoch: int, _record: dict[str, float]) -> None:
-        if epoch == 2:
+    def kill_after_one(epoch: int, _record: dict[str, Any]) -> None:
+        if epoch == 1:
             raise _Killed
 
     ckpt = tmp_path / "run.pt"
     with pytest.raises(_Killed):
-        train.train_run(cfg, d, cpu, ckpt, kill_after_two)
+        train.train_run(cfg, d, CPU, ckpt, kill_after_one)
     continued: list[int] = []
-    resumed = train.train_run(cfg, d, cpu, ckpt, lambda e, _r: continued.append(e))
-    assert continued == [3]  # only the missing epoch was trained
+    resumed = train.train_run(cfg, d, CPU, ckpt, lambda e, _r: continued.append(e))
+    assert continued == [2]  # only the missing epoch was trained
     assert resumed["history"] == reference["history"]
 
 
-def test_missing_cifar_says_how_to_get_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_divergence_is_recorded_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training loss that stops being finite ends the run, marked diverged, with JSON-valid
+    ``None`` losses; the summary reports the cell as diverged instead of a number."""
+    calls = []
+
+    def nan_in_second_epoch(cfg: train.RunConfig, t: train.Trainer, d: data.ImageData) -> float:
+        calls.append(1)
+        return math.nan if len(calls) == 2 else 1.0
+
+    monkeypatch.setattr(train, "_train_epoch", nan_in_second_epoch)
+    cfg = replace(_tiny("sgd", "cosine", "none"), epochs=4)
+    result = train.train_run(cfg, data.load_digits_data(), CPU)
+    assert result["diverged"] and len(result["history"]) == 2
+    assert result["history"][-1]["batch_loss"] is None
+    json.dumps(result, allow_nan=False)
+    values: summary.Values = {0: None, 1: 0.5}
+    s = summary.stat(values)
+    assert (s.mean, s.std, s.n, s.diverged) == (0.5, None, 1, 1)
+    assert summary._cell(summary.asdict(summary.stat({0: None})), 2) == "diverged (1)"
+
+
+def test_cli_resume_skips_finished_runs_and_matches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Kill a grid in its third run, resume it: finished runs are kept, not retrained, and every
+    run ends with the same history as in an uninterrupted grid."""
+    base = replace(_tiny("sgd", "cosine", "shift1"), lam=None)
+    panel = presets._budget_panel("tiny", base, (1, 2), 2, (0.1,))
+    monkeypatch.setattr(presets, "build", lambda *_a, **_k: [panel])
+    argv = ["--jobs", "1"]
+    reproduce.main([*argv, "--out", str(tmp_path / "straight")])
+    calls: list[str] = []
+    resuming = False
+
+    def kill(_epoch: int, _record: dict[str, Any]) -> None:
+        raise _Killed
+
+    def killed_in_third_run(run: train.RunConfig, *args: Any) -> dict[str, Any]:
+        calls.append(run.run_id)
+        d, device, checkpoint, on_epoch = args
+        killed = len(calls) == 3 and not resuming
+        return train.train_run(run, d, device, checkpoint, kill if killed else on_epoch)
+
+    monkeypatch.setattr(reproduce, "train_run", killed_in_third_run)
+    with pytest.raises(_Killed):
+        reproduce.main([*argv, "--out", str(tmp_path / "resumed")])
+    assert len(list((tmp_path / "resumed" / "runs").glob("*.json"))) == 2
+    assert len(list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))) == 1
+    calls.clear()
+    resuming = True
+    reproduce.main([*argv, "--out", str(tmp_path / "resumed"), "--resume"])
+    assert len(calls) == 8 - 2  # the two finished runs were loaded, not trained
+
+    def histories(name: str) -> dict[str, object]:
+        runs = json.loads((tmp_path / name / "results.json").read_text())["runs"]
+        return {r["run_id"]: r["history"] for r in runs}
+
+    assert histories("resumed") == histories("straight")
+
+
+def test_presets_pair_tract_with_its_baseline() -> None:
+    """Every TrAct run equals a baseline run of the same panel except for λ (same seed, budget,
+    lr, inputs); the paper's ResNet presets run λ ∈ {0.05, 0.1, 0.2}; SGD and Adam presets share
+    their weight decay; the demo's lrs come from their search grids."""
+    for name in [None, *presets.PRESETS]:
+        for panel in presets.build(name, presets.Overrides(epochs=[100], seeds=2)):
+            baselines = {m.run for m in panel.members if m.series == presets.BASELINE}
+            for m in panel.members:
+                if m.run.lam is not None and m.run.optimizer != "sgd_first_adam_rest":
+                    assert replace(m.run, lam=None) in baselines, (name, m)
+    for name in ("cifar10-resnet18-sgd", "cifar10-resnet18-adam"):
+        lams = {m.run.lam for m in presets.build(name, presets.Overrides())[0].members}
+        assert lams == {None, 0.05, 0.1, 0.2}
+    decay = {
+        m.run.weight_decay
+        for name in ("cifar10-resnet18-sgd", "cifar10-resnet18-adam", "sgd-first-adam-rest")
+        for m in presets.build(name, presets.Overrides())[0].members
+    }
+    assert decay == {0.0}
+    for d in presets.DEMO_SETTINGS:
+        assert {lr for _, lr in d.lrs} <= set(d.lr_grid)
+        assert [b for b, _ in d.lrs] == list(presets.DEMO_EPOCHS)
+    demo = presets.build(None, presets.Overrides())
+    for p in demo:
+        setting = next(d for d in presets.DEMO_SETTINGS if p.title.endswith(d.title)
+                       or f"{d.title}," in p.title)  # fmt: skip
+        for m in p.members:  # standardised-input lr of that budget, for every input range
+            assert m.run.lr == setting.lr(m.run.epochs)
+    assert {m.run.input_range for p in demo for m in p.members} == set(data.INPUT_RANGES)
+
+
+def test_missing_cifar_says_how_to_get_it(tmp_path: Path) -> None:
     argv = ["--preset", "cifar10-resnet18-sgd", "--data-dir", str(tmp_path), "--out", str(tmp_path)]
     with pytest.raises(SystemExit) as info:
         reproduce.main(argv)
@@ -134,18 +398,6 @@ def test_cifar_reader_matches_the_pickle_layout(tmp_path: Path) -> None:
         np.testing.assert_allclose(loaded.fill.double().numpy(), black, rtol=1e-6)
 
 
-def test_augment_is_a_padded_crop_or_its_mirror() -> None:
-    """Every output equals some crop of the black-padded image, possibly flipped (brute force)."""
-    x = torch.randn(6, 3, 5, 5)
-    fill = torch.tensor([-1.0, -2.0, -3.0])
-    out = data.augment(x, fill, torch.Generator().manual_seed(0), pad=2)
-    padded = fill.view(1, 3, 1, 1).repeat(6, 1, 9, 9)
-    padded[:, :, 2:7, 2:7] = x
-    for i in range(6):
-        crops = [padded[i, :, a : a + 5, b : b + 5] for a in range(5) for b in range(5)]
-        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops)
-
-
 def test_schedules_match_the_paper() -> None:
     """Cosine: 0.5(1 + cos(π t/T)). Multi-step over 200 epochs: lr 0.1 → 0.02 → 0.004 → 0.0008
     at epochs 60, 120, 160, after a linear warm-up epoch (PAPER.md, CIFAR-100)."""
@@ -161,40 +413,13 @@ def test_schedules_match_the_paper() -> None:
         assert 0.1 * multi(epoch * steps + steps - 1) == pytest.approx(lr)
 
 
-def test_cli_resume_skips_finished_runs_and_matches(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Kill a demo grid in its third run, resume it: finished runs are kept, not retrained,
-    and every run ends with the same history as in an uninterrupted grid."""
-    argv = ["--quick", "--epochs", "2", "--lam", "0.1"]
-    reproduce.main([*argv, "--out", str(tmp_path / "straight")])
-    calls: list[str] = []
-    resuming = False
-
-    def kill(_epoch: int, _record: dict[str, float]) -> None:
-        raise _Killed
-
-    def killed_in_third_run(run: train.RunConfig, *args: Any) -> dict[str, Any]:
-        calls.append(run.run_id)
-        d, device, checkpoint, on_epoch = args
-        killed = len(calls) == 3 and not resuming
-        return train.train_run(run, d, device, checkpoint, kill if killed else on_epoch)
-
-    monkeypatch.setattr(reproduce, "train_run", killed_in_third_run)
-    with pytest.raises(_Killed):
-        reproduce.main([*argv, "--out", str(tmp_path / "resumed")])
-    assert len(list((tmp_path / "resumed" / "runs").glob("*.json"))) == 2
-    assert len(list((tmp_path / "resumed" / "checkpoints").glob("*.pt"))) == 1
-    calls.clear()
-    resuming = True
-    reproduce.main([*argv, "--out", str(tmp_path / "resumed"), "--resume"])
-    assert len(calls) == 8 - 2  # the two finished runs were loaded, not trained
-
-    def histories(name: str) -> dict[str, object]:
-        runs = json.loads((tmp_path / name / "results.json").read_text())["runs"]
-        return {r["run_id"]: r["history"] for r in runs}
-
-    assert histories("resumed") == histories("straight")
+def test_bad_run_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="augment"):
+        train.RunConfig("digits", "digits_cnn", "sgd", 0.1, 1, 0, augment="flip")
+    with pytest.raises(ValueError, match="lam"):
+        train.RunConfig("digits", "digits_cnn", "sgd", 0.1, 1, 0, lam=0.0)
+    with pytest.raises(ValueError, match="only wired up with TrAct"):
+        train.RunConfig("digits", "digits_cnn", "sgd_first_adam_rest", 0.1, 1, 0)
 
 
 def test_patchnorm_preset_on_cifar_files(tmp_path: Path) -> None:
@@ -204,7 +429,8 @@ def test_patchnorm_preset_on_cifar_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = ["--preset", "patchnorm", "--epochs", "1", "--seeds", "1", "--data-dir", str(tmp_path)]
     reproduce.main([*argv, "--out", str(out), "--threads", "1"])
-    runs = json.loads((out / "results.json").read_text())["runs"]
-    series = sorted(r["config"]["series"] for r in runs)
+    results = json.loads((out / "results.json").read_text())
+    series = sorted(m["series"] for m in results["panels"][0]["members"])
     assert series == ["Dual PatchNorm", "TrAct λ=0.1", "baseline", "patch normalisation"]
-    assert all(r["config"]["lr"] == pytest.approx(1e-3) for r in runs)  # paper's 100-epoch lr
+    assert all(r["config"]["lr"] == pytest.approx(1e-3) for r in results["runs"])  # paper lr
+    assert (out / "accuracy.png").exists() and (out / "loss.png").exists()
