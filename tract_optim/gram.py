@@ -129,12 +129,16 @@ def add_upper_(out: Tensor, rows: Tensor) -> None:
 
     xᵀx is symmetric, so strip ``[a, b)`` of its rows is only needed from column ``a`` on: one
     product per strip skips the blocks left of the diagonal, about half the work for wide rows.
-    ``mirror_upper`` then fills the lower triangle. ``rows``: (groups, r, n), fp32.
+    ``mirror_upper`` then fills the lower triangle. ``rows``: (groups, r, n), fp32. Products are
+    2-D per group: a batched product copies operands whose batch stride is not a whole matrix
+    (the rows of one group are a transposed view, batch stride n).
     """
     n = rows.shape[-1]
-    for a in range(0, n, STRIP):
-        b = min(n, a + STRIP)
-        out[:, a:b, a:].baddbmm_(rows[:, :, a:b].mT, rows[:, :, a:])
+    for g in range(rows.shape[0]):
+        x = rows[g]
+        for a in range(0, n, STRIP):
+            b = min(n, a + STRIP)
+            out[g, a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
 
 
 def mirror_upper(out: Tensor) -> Tensor:
