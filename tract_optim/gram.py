@@ -70,13 +70,17 @@ def conv2d_lags(
     # Product g: rows m·g … m·g + m − 1 against rows m·g … m·g + m + k_h − 2.
     left = z[: m * products].view(products, m * f, k)
     right = z.as_strided((products, (m + kh - 1) * f, k), (m * f * k, k, 1))
-    pairs = torch.bmm(left, right.mT).view(products, m, f, m + kh - 1, f)
-    # per_row[h, :, d] = Z[h] Z[h + d]ᵀ: row e of each product starts its lags at column e.
-    per_row = torch.stack([pairs[:, e, :, e : e + kh] for e in range(m)], dim=1)
-    per_row = per_row.view(products * m, f, kh, f)
-    window = sh * (p_out - 1) + 1  # kernel row i of the P windows: rows i, i + s, …
-    table = torch.stack([per_row[i : i + window : sh].sum(0) for i in range(kh)])
-    return table
+    pairs = torch.bmm(left, right.mT)  # (products, m·f, (m + k_h − 1)·f)
+    # per_row[h, :, d] = Z[h] Z[h + d]ᵀ for h = m·g + e: rows e·f … of product g from column
+    # block e on (row e of a product starts its lags at block e). One strided view, one copy.
+    cols = (m + kh - 1) * f
+    per_row = pairs.as_strided(
+        (products, m, f, kh, f), (m * f * cols, f * cols + f, cols, f, 1)
+    ).reshape(products * m, f, kh, f)
+    # Kernel row i of the P windows reads rows i, i + s, …, i + s·(P − 1): a strided view too.
+    s_row, s_a, s_d, s_b = per_row.stride()  # a view when products == 1, else contiguous
+    windows = per_row.as_strided((kh, p_out, f, kh, f), (s_row, sh * s_row, s_a, s_d, s_b))
+    return windows.sum(1)
 
 
 def gram_from_lags(table: Tensor, channels: int) -> Tensor:
