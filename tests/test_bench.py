@@ -1,6 +1,7 @@
-"""Smoke test of ``scripts/bench.py --quick``: it runs, and its report is complete and consistent.
+"""Smoke tests of ``scripts/bench.py``: ``--quick`` (CPU) and the GPU suite's logic on CPU at toy
+sizes (``--gpu-suite --tiny``): they run, and their reports are complete and consistent.
 
-No timing assertions: only the structure of the report and relations that hold for any timings
+No timing assertions: only the structure of the reports and relations that hold for any timings
 (recomputed here from the raw per-round times the report also records).
 """
 
@@ -17,17 +18,22 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = str(ROOT / "scripts" / "bench.py")
 Report = tuple[dict[str, Any], str]  # the JSON report and the markdown tables
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, BENCH, *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory: pytest.TempPathFactory) -> Report:
     out = tmp_path_factory.mktemp("bench")
     json_path, md_path = out / "bench.json", out / "bench.md"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--threads", "1"]
-    cmd += ["--json", str(json_path), "--markdown", str(md_path)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_bench("--quick", "--threads", "1", "--json", str(json_path), "--markdown", str(md_path))
     return json.loads(json_path.read_text()), md_path.read_text()
 
 
@@ -74,3 +80,68 @@ def test_environment_and_markdown(quick_report: Report) -> None:
     assert len(rows) == 2 + len(report["cases"]) + len(report["memory_vs_batch"])
     for case in report["cases"] + report["memory_vs_batch"]:
         assert any(row.startswith(f"| {case['case']} |") for row in rows)
+
+
+# --- the GPU suite, on CPU at toy sizes ----------------------------------------------------------
+
+SECTIONS = (
+    ["layers, eager, fp32"] * 3
+    + ["layers, eager, bf16"] * 3
+    + ["models, eager, bf16"] * 2
+    + ["models, compiled, bf16"] * 2
+    + ["layers, compiled, bf16"] * 3
+)
+CHUNKED = "tract_optim, 1 MiB chunks"
+
+
+@pytest.fixture(scope="module")
+def suite_report(tmp_path_factory: pytest.TempPathFactory) -> Report:
+    """The whole suite: Dynamo's ``eager`` backend (compilation without Inductor's minutes of
+    C++), one round each, and a 1 MiB chunk-size variant."""
+    out = tmp_path_factory.mktemp("suite")
+    args = ["--gpu-suite", str(out), "--device", "cpu", "--tiny", "--compile-backend", "eager"]
+    args += ["--runs", "1", "--model-runs", "1", "--warmup", "1", "--threads", "1"]
+    done = run_bench(*args, "--chunk-mib", "1", "--budget-s", "3600")
+    # Progress is printed as it goes: a line per case on stderr, a table row per case on stdout.
+    assert done.stderr.count(" …") == len(SECTIONS)
+    assert done.stdout.count("(1.000×)") >= len(SECTIONS)
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+def test_suite_runs_every_case_in_priority_order(suite_report: Report) -> None:
+    report, _ = suite_report
+    cases = report["cases"]
+    assert [c["section"] for c in cases] == SECTIONS
+    names = [c["case"] for c in cases]
+    assert names[8].startswith("ViT-S/16 (") and names[9].startswith("ResNet-50 (")
+    assert all(", bf16" in n for n in names[3:]) and all(", compiled" in n for n in names[8:])
+    assert report["skipped"] == [] and report["environment"]["device"] == "cpu"
+
+
+def test_suite_times_every_variant_with_tract_optim_never_failing(suite_report: Report) -> None:
+    """Compiled cases leave the chunk-size variant out (nothing is chunked under compile) and
+    record the first step, which includes compilation; the authors' variant may only fail."""
+    report, _ = suite_report
+    for case in report["cases"]:
+        assert "failed" not in case
+        expected = {"plain", "tract_optim"} | (set() if ", compiled" in case["case"] else {CHUNKED})
+        assert expected <= set(case["time"]) <= set(report["variants"])
+        assert set(case["errors"]) <= {"torch-tract"}
+        for result in case["time"].values():
+            assert result["first_step_s"] > 0 and len(result["times_ms"]) == 1
+    assert report["variants"][:3] == ["plain", "tract_optim", CHUNKED]
+
+
+def test_suite_markdown_has_a_row_per_case(suite_report: Report) -> None:
+    report, table = suite_report
+    for case in report["cases"]:
+        assert sum(line.startswith(f"| {case['case']} |") for line in table.splitlines()) == 1
+
+
+def test_suite_skips_what_does_not_fit_the_budget(tmp_path: Path) -> None:
+    """No time left: every case is skipped, and the report says which and why."""
+    run_bench("--gpu-suite", str(tmp_path), "--device", "cpu", "--tiny", "--budget-s", "0")
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["cases"] == [] and len(report["skipped"]) == len(SECTIONS)
+    table = (tmp_path / "bench.md").read_text()
+    assert table.count("- skipped: ") == len(SECTIONS)

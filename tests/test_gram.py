@@ -1,17 +1,22 @@
 """``tract_optim.gram``: the unfold-free Conv2d Gram and the upper-triangle product, each against
-a float64 Gram of rows built independently (``reference.unfold_rows``), within the fp32 bound.
+a float64 Gram of rows built independently (``reference.unfold_rows``), within the fp32 bound;
+and ``unfold.gram`` inside ``torch.compile``: one graph for every batch size, equal to eager.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import assert_fp32_gram, unfold_rows
-from torch import nn
+from torch import Tensor, nn
+from torch._dynamo.backends.registry import lookup_backend
 
-from tract_optim import gram
+from tract_optim import gram, unfold
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -23,6 +28,7 @@ SETTINGS = settings(max_examples=40, deadline=None)
     channels=st.integers(1, 3),
     batch=st.integers(1, 3),
     extra=st.tuples(st.integers(0, 9), st.integers(0, 9)),
+    rows_per_product=st.integers(1, 3),
     seed=st.integers(0, 2**16),
 )
 def test_conv2d_gram_matches_unfolded_rows(
@@ -31,13 +37,26 @@ def test_conv2d_gram_matches_unfolded_rows(
     channels: int,
     batch: int,
     extra: tuple[int, int],
+    rows_per_product: int,
     seed: int,
 ) -> None:
-    """Every kernel/stride pair, sizes with and without remainders (e.g. a 7×7/2 ResNet stem)."""
+    """Every kernel/stride pair, sizes with and without remainders (e.g. a 7×7/2 ResNet stem),
+    input heights that are and are not multiples of the rows per product."""
     torch.manual_seed(seed)
     xpad = torch.randn(batch, channels, kernel[0] + extra[0], kernel[1] + extra[1])
+    table = gram.conv2d_lags(xpad, kernel, stride, rows_per_product)
     rows = unfold_rows(nn.Conv2d(channels, 1, kernel, stride=stride), xpad)[0]
-    assert_fp32_gram(gram.conv2d_gram(xpad, kernel, stride), rows)
+    assert_fp32_gram(gram.gram_from_lags(table, channels), rows)
+
+
+def test_lag_tables_of_parts_add_up_to_the_whole() -> None:
+    """Tables of two batches (one of them channels-last, so strided) sum to the Gram of both."""
+    torch.manual_seed(0)
+    xpad = F.pad(torch.randn(3, 2, 15, 17), (2, 2, 2, 2))
+    first = xpad[:1].contiguous(memory_format=torch.channels_last)
+    table = gram.conv2d_lags(first, (5, 5), (2, 3)) + gram.conv2d_lags(xpad[1:], (5, 5), (2, 3))
+    got = gram.gram_from_lags(table, 2)
+    assert_fp32_gram(got, unfold_rows(nn.Conv2d(2, 1, 5, stride=(2, 3)), xpad)[0])
 
 
 def test_conv2d_gram_of_an_imagenet_stem() -> None:
@@ -66,3 +85,38 @@ def test_upper_strips_then_mirror_give_the_full_gram(
     assert_fp32_gram(gram.mirror_upper(out), rows)
     gram.add_upper_(out, rows)
     assert_fp32_gram(gram.mirror_upper(out), torch.cat([rows, rows], dim=1))
+
+
+class CountingBackend:
+    """A ``torch.compile`` backend that counts compilations and delegates to ``aot_eager``."""
+
+    def __init__(self) -> None:
+        self.compilations = 0
+        self._inner = lookup_backend("aot_eager")
+
+    def __call__(self, graph: torch.fx.GraphModule, inputs: list[Tensor]) -> Any:
+        self.compilations += 1
+        return self._inner(graph, inputs)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Conv2d(3, 4, 5, 2, 2), nn.Conv2d(2, 4, 4, 4), nn.Linear(6, 3)],
+    ids=["overlapping conv (lags)", "patch embedding (rows)", "linear"],
+)
+def test_gram_compiles_once_for_every_batch_size(layer: nn.Module) -> None:
+    """Inside torch.compile the whole batch is one chunk: no loop over the batch, so Dynamo's
+    automatic dynamic shapes serve batches 2, 3 and 5 after one recompilation (a chunk loop
+    would specialise on each size); each result equals eager's (1-byte chunks there)."""
+    backend = CountingBackend()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: unfold.gram(layer, x, 1), backend=backend, fullgraph=True)
+    for batch in (2, 3, 5):
+        if isinstance(layer, nn.Linear):
+            x = torch.randn(batch, 4, 6)
+        else:
+            x = torch.randn(batch, layer.in_channels, 12, 13)
+        rows = unfold_rows(layer, x)
+        assert_fp32_gram(compiled(x), rows)
+        assert_fp32_gram(unfold.gram(layer, x, 1), rows)
+    assert backend.compilations == 2

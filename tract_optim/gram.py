@@ -1,50 +1,105 @@
 """Fast, exact Gram kernels xᵀx for the rows of a first layer's input.
 
-``conv2d_gram`` serves 2-D convolutions with overlapping windows (kernel larger than stride, e.g.
-a ResNet stem) without materialising the unfolded input. Row offset ``i`` of the kernel at output
-row ``p`` reads padded input row ``s·p + i``. Split the padded rows into ``s`` phases
-(``h = s·u + φ``): offset ``i = φ + s·t`` reads row ``u = p + t`` of phase ``φ``. So the block of
-the Gram between kernel rows ``i`` and ``i'`` is a sum over a window of ``P`` consecutive phase
-rows of per-row products, and one batched product per (phase, phase, lag) serves every kernel-row
-pair with that lag. Each Gram entry is still a plain sum of the same fp32 products (only the
-order of summation changes), so the result is exact up to fp32 rounding. Work: about
-s·k·(C·k)² multiply-adds per row (one product per phase pair and lag) instead of (C·k²)² for the
-unfolded Gram (a 7×7/2 stem: 13·21² instead of 147²), and the only copy is the input with its
-windows unfolded along the width (k/s times the input instead of k²/s²).
+``conv2d_lags`` serves 2-D convolutions with overlapping windows (kernel larger than stride, e.g.
+a ResNet stem) without materialising the unfolded input. Unfold the input along the width only:
+padded row ``h`` becomes ``Z[h]``, a (C·k_w) × (B·Q) matrix of width windows (Q output
+columns). Kernel row ``i`` at output row ``p`` reads ``Z[s·p + i]``, so the Gram block of kernel
+rows ``i`` and ``i + d`` is ``Σ_p Z[s·p + i] Z[s·p + i + d]ᵀ``: a sum, over a window of rows, of
+per-row products that depend only on the row and the lag ``d``. One batched product computes
+every row's products with its next ``k_h`` rows (all lags at once: ``Z`` is stored row-major, so
+rows ``h … h + k_h − 1`` are one strided view), and each block is a strided sum of them. Each Gram
+entry is still a plain sum of the same fp32 products (only the order of summation changes), so
+the result is exact up to fp32 rounding. Work: about k_h·(C·k_w)² multiply-adds per padded row
+and output column instead of (C·k_h·k_w)² per output position (a 7×7/2 stem: 7·21² per row and
+column instead of 147² per position, ~4× less), and the only copy is the width-unfolded input
+(k_w/s_w times the input, not k_h·k_w/(s_h·s_w)).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+#: Input rows per product of ``conv2d_lags``: two rows against their next k_h + 1 rows make the
+#: products twice as tall for (k_h + 1)/k_h of the work, which GEMM kernels run much faster
+#: than products only C·k_w rows tall (1.2–1.3× for the stems of ``scripts/bench.py``, CPU).
+ROWS_PER_PRODUCT = 2
 
-def _phase_rows(xpad: Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> Tensor:
-    """Width-unfolded rows by phase: (s_h, U, B·Q, k_w·C), features (kernel column, channel).
 
-    Entry [φ, u, b·Q + q] holds, for padded input row ``s_h·u + φ`` of image ``b``, the window of
-    output column ``q``. Rows past the input are zero; no window used by the layer reads them.
-    """
+def _width_windows(
+    xpad: Tensor, kernel: tuple[int, int], stride: tuple[int, int], m: int
+) -> Tensor:
+    """Padded rows unfolded along the width, (rows, C·k_w, B·Q), rows = a multiple of ``m``
+    plus k_h − 1; entry [h, c·k_w + j, b·Q + q] is input row ``h``, channel ``c``, column
+    ``s_w·q + j`` of image ``b``. Rows past those any window reads are zero."""
     (kh, kw), (sh, sw) = kernel, stride
     batch, channels, height, width = xpad.shape
-    p_out = (height - kh) // sh + 1
-    q_out = (width - kw) // sw + 1
-    u_rows = math.ceil((sh * (p_out - 1) + kh) / sh)
-    used_w = sw * (q_out - 1) + kw
-    xpad = xpad[:, :, : u_rows * sh, :used_w]
-    if xpad.shape[2] < u_rows * sh:
-        xpad = torch.nn.functional.pad(xpad, (0, 0, 0, u_rows * sh - xpad.shape[2]))
-    # (B, C, U, s_h, W) -> channels last by phase: (s_h, U, B, W, C), one copy of the input.
-    phased = xpad.reshape(batch, channels, u_rows, sh, used_w).permute(3, 2, 0, 4, 1).contiguous()
-    # A window of output column q is kw·C consecutive floats starting at q·s_w·C.
-    windows = phased.as_strided(
-        (sh, u_rows, batch, q_out, kw * channels),
-        (u_rows * batch * used_w * channels, batch * used_w * channels, used_w * channels,
-         sw * channels, 1),
-    )  # fmt: skip
-    return windows.reshape(sh, u_rows, batch * q_out, kw * channels)
+    p_out, q_out = (height - kh) // sh + 1, (width - kw) // sw + 1
+    used = sh * (p_out - 1) + kh
+    rows = m * -(-used // m) + kh - 1
+    sb, sc, s_row, s_col = xpad.stride()
+    windows = xpad.as_strided(
+        (used, channels, kw, batch, q_out),
+        (s_row, sc, s_col, sb, sw * s_col),
+    )
+    z = xpad.new_empty(rows, channels * kw, batch * q_out)
+    z[:used].view(windows.shape).copy_(windows)
+    z[used:].zero_()
+    return z
+
+
+def conv2d_lags(
+    xpad: Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    rows_per_product: int = ROWS_PER_PRODUCT,
+) -> Tensor:
+    """The lag table (k_h, f, k_h, f), f = C·k_w, of a padded input (B, C, H, W), fp32.
+
+    Entry [i, :, d, :] is the Gram block of kernel rows ``i`` and ``i + d`` over every window of
+    the input (features: channel, kernel column); entries with ``i + d ≥ k_h`` are unused. Tables
+    of several inputs add up; ``gram_from_lags`` turns a table into the Gram. Dilation 1, one
+    group (the caller pads and splits groups). ``rows_per_product``: see ``ROWS_PER_PRODUCT``.
+    """
+    (kh, _), (sh, _) = kernel, stride
+    p_out = (xpad.shape[2] - kh) // sh + 1
+    m = rows_per_product
+    z = _width_windows(xpad, kernel, stride, m)
+    f, k = z.shape[1], z.shape[2]
+    products = (z.shape[0] - kh + 1) // m
+    # Product g: rows m·g … m·g + m − 1 against rows m·g … m·g + m + k_h − 2.
+    left = z[: m * products].view(products, m * f, k)
+    right = z.as_strided((products, (m + kh - 1) * f, k), (m * f * k, k, 1))
+    pairs = torch.bmm(left, right.mT)  # (products, m·f, (m + k_h − 1)·f)
+    # per_row[h, :, d] = Z[h] Z[h + d]ᵀ for h = m·g + e: rows e·f … of product g from column
+    # block e on (row e of a product starts its lags at block e). One strided view, one copy.
+    cols = (m + kh - 1) * f
+    per_row = pairs.as_strided(
+        (products, m, f, kh, f), (m * f * cols, f * cols + f, cols, f, 1)
+    ).reshape(products * m, f, kh, f)
+    # Kernel row i of the P windows reads rows i, i + s, …, i + s·(P − 1): a strided view too.
+    s_row, s_a, s_d, s_b = per_row.stride()  # a view when products == 1, else contiguous
+    windows = per_row.as_strided((kh, p_out, f, kh, f), (s_row, sh * s_row, s_a, s_d, s_b))
+    return windows.sum(1)
+
+
+def gram_from_lags(table: Tensor, channels: int) -> Tensor:
+    """The Gram (n, n) of a lag table (k_h, C·k_w, k_h, C·k_w), in the layer's (C, k_h, k_w)
+    feature order: block (i, i') is entry [i, :, i' − i] above the diagonal, mirrored below."""
+    table = table.contiguous()
+    kh, f = table.shape[0], table.shape[1]
+    kw = f // channels
+    s0, s1, s2, s3 = table.stride()
+    # upper[i, :, i', :] = table[i, :, i' − i, :]; entries with i' < i read other rows and are
+    # replaced by the mirror below.
+    upper = table.as_strided((kh, f, kh, f), (s0 - s2, s1, s2, s3))
+    index = torch.arange(kh, device=table.device)
+    above = (index[None, :] >= index[:, None])[:, None, :, None]
+    blocks = torch.where(above, upper, upper.permute(2, 3, 0, 1))
+    # [i, (c, j), i', (c', j')] -> [(c, i, j), (c', i', j')]
+    blocks = blocks.reshape(kh, channels, kw, kh, channels, kw)
+    n = channels * kh * kw
+    return blocks.permute(1, 0, 2, 4, 3, 5).reshape(n, n)
 
 
 def conv2d_gram(xpad: Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> Tensor:
@@ -53,54 +108,19 @@ def conv2d_gram(xpad: Tensor, kernel: tuple[int, int], stride: tuple[int, int]) 
     Rows and features are those of ``unfold.rows`` for a Conv2d with this kernel and stride,
     dilation 1 and one group (the caller pads and splits groups).
     """
-    (kh, kw), (sh, _) = kernel, stride
-    channels = xpad.shape[1]
-    p_out = (xpad.shape[2] - kh) // sh + 1
-    zp = _phase_rows(xpad, kernel, stride)
-    f = zp.shape[-1]
-    blocks = xpad.new_empty(kh, kh, f, f)  # [i, i'] = Σ rows(kernel row i)ᵀ rows(kernel row i')
-    offsets = [range(phase, kh, sh) for phase in range(sh)]  # kernel rows of each phase
-    for a in range(sh):
-        for b in range(a, sh):
-            _phase_pair(zp, blocks, a, b, len(offsets[a]), len(offsets[b]), p_out, sh)
-    # [i, i', j, c, j', c'] -> [(c, i, j), (c', i', j')]
-    blocks = blocks.reshape(kh, kh, kw, channels, kw, channels)
-    n = channels * kh * kw
-    return blocks.permute(3, 0, 2, 5, 1, 4).reshape(n, n)
+    return gram_from_lags(conv2d_lags(xpad, kernel, stride), xpad.shape[1])
 
 
-def _phase_pair(
-    zp: Tensor, blocks: Tensor, a: int, b: int, ta: int, tb: int, p_out: int, sh: int
-) -> None:
-    """Fill the blocks of kernel rows ``a + s·t`` × ``b + s·t'`` (and their transposes).
-
-    For each lag d = t' − t, one batched product gives the per-phase-row products over all rows
-    any window with that lag touches; each block is the sum of its own window of ``p_out`` rows.
-    """
-    for lag in range(-(ta - 1), tb):
-        if a == b and lag < 0:
-            continue  # the transposes of lag > 0
-        ts = [t for t in range(ta) if 0 <= t + lag < tb]
-        if not ts:
-            continue
-        lo, hi = ts[0], ts[-1] + p_out
-        per_row = torch.bmm(zp[a, lo:hi].mT, zp[b, lo + lag : hi + lag])
-        for t in ts:
-            block = per_row[t - lo : t - lo + p_out].sum(0)
-            i, j = a + sh * t, b + sh * (t + lag)
-            blocks[i, j] = block
-            blocks[j, i] = block.T
-
-
-def conv2d_gram_bytes_per_image(
+def conv2d_bytes_per_image(
     shape: tuple[int, ...], kernel: tuple[int, int], stride: tuple[int, int]
 ) -> int:
-    """Bytes ``conv2d_gram`` materialises per image of padded shape (C, H, W), for chunking."""
+    """Bytes ``conv2d_lags`` materialises per image of padded shape (C, H, W), for chunking:
+    the padded image and its width windows."""
     channels, height, width = shape
-    (_, kw), (sh, sw) = kernel, stride
+    (kh, kw), (_, sw) = kernel, stride
     q_out = (width - kw) // sw + 1
-    rows = sh * math.ceil(height / sh + 1)
-    return 4 * rows * channels * (2 * width + q_out * kw)
+    rows = height + kh + ROWS_PER_PRODUCT
+    return 4 * channels * (height * width + rows * kw * q_out)
 
 
 #: Height of the row strips of ``add_upper_``: tall enough for efficient products, small enough
@@ -113,12 +133,16 @@ def add_upper_(out: Tensor, rows: Tensor) -> None:
 
     xᵀx is symmetric, so strip ``[a, b)`` of its rows is only needed from column ``a`` on: one
     product per strip skips the blocks left of the diagonal, about half the work for wide rows.
-    ``mirror_upper`` then fills the lower triangle. ``rows``: (groups, r, n), fp32.
+    ``mirror_upper`` then fills the lower triangle. ``rows``: (groups, r, n), fp32. Products are
+    2-D per group: a batched product copies operands whose batch stride is not a whole matrix
+    (the rows of one group are a transposed view, batch stride n).
     """
     n = rows.shape[-1]
-    for a in range(0, n, STRIP):
-        b = min(n, a + STRIP)
-        out[:, a:b, a:].baddbmm_(rows[:, :, a:b].mT, rows[:, :, a:])
+    for g in range(rows.shape[0]):
+        x = rows[g]
+        for a in range(0, n, STRIP):
+            b = min(n, a + STRIP)
+            out[g, a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
 
 
 def mirror_upper(out: Tensor) -> Tensor:

@@ -203,41 +203,42 @@ def gram(
     """xᵀx per group, shape (groups, n, n), in ``dtype`` (fp32 or fp64), materialising at most
     ~``chunk_bytes`` at a time.
 
-    Overlapping Conv2d windows go through ``gram.conv2d_gram``, which never unfolds the input;
-    other layers unfold chunk by chunk and skip the lower triangle (``gram.add_upper_``).
+    Overlapping Conv2d windows go through ``gram.conv2d_lags``, which never unfolds the input;
+    other layers unfold chunk by chunk and skip the lower triangle (``gram.add_upper_``). Inside
+    ``torch.compile`` the whole batch is one chunk (see ``_chunks``).
     """
     geo = geometry(layer)
     out = torch.zeros(geo.groups, geo.n, geo.n, dtype=dtype, device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
         if isinstance(layer, nn.Linear):
             flat = x.reshape(-1, geo.n)
-            for part in _chunks(flat.shape[0], chunk_bytes // (4 * geo.n)):
-                _gram.add_upper_(out, flat[None, part].to(dtype))
+            for piece in _chunks(flat, 4 * geo.n, chunk_bytes):
+                _gram.add_upper_(out, piece[None].to(dtype))
             return _gram.mirror_upper(out)
         xb = batched_input(layer, x)
         if _uses_conv2d_kernel(layer, xb):
             _conv2d_gram_into(out, layer, xb, chunk_bytes, dtype)
             return out
         per_image = max(1, row_count(layer, xb[:1])) * geo.n * geo.groups * 4
-        for part in _chunks(xb.shape[0], chunk_bytes // per_image):
-            _gram.add_upper_(out, rows(layer, xb[part].to(dtype)))
+        for piece in _chunks(xb, per_image, chunk_bytes):
+            _gram.add_upper_(out, rows(layer, piece.to(dtype)))
     return _gram.mirror_upper(out)
 
 
-def _chunks(total: int, step: int) -> list[slice]:
-    """Slices of at most ``step`` (≥ 1) items covering ``range(total)``.
+def _chunks(x: Tensor, bytes_per_item: int, chunk_bytes: int) -> tuple[Tensor, ...]:
+    """``x`` split along dim 0 into pieces of about ``chunk_bytes`` of work each.
 
-    Inside ``torch.compile`` one slice: a loop over a batch size would make Dynamo specialise
-    on it and recompile for every new size (the compiler plans the memory itself).
+    Inside ``torch.compile`` the whole of ``x`` is one piece: a loop over the batch would make
+    Dynamo specialise the graph on the batch size (one recompilation per size), and the
+    compiler plans the memory of the graph as a whole anyway.
     """
     if torch.compiler.is_compiling():
-        return [slice(None)]
-    step = max(1, step)
-    return [slice(start, start + step) for start in range(0, total, step)]
+        return (x,)
+    return torch.split(x, max(1, chunk_bytes // bytes_per_item))
 
 
 def _uses_conv2d_kernel(layer: nn.Module, x: Tensor) -> TypeGuard[nn.Conv2d]:
-    """Overlapping 2-D windows without dilation: ``gram.conv2d_gram`` avoids the unfold."""
+    """Overlapping 2-D windows without dilation: ``gram.conv2d_lags`` avoids the unfold."""
     return (
         isinstance(layer, nn.Conv2d)
         and tuple(layer.dilation) == (1, 1)
@@ -248,15 +249,19 @@ def _uses_conv2d_kernel(layer: nn.Module, x: Tensor) -> TypeGuard[nn.Conv2d]:
 def _conv2d_gram_into(
     out: Tensor, conv: nn.Conv2d, xb: Tensor, chunk_bytes: int, dtype: torch.dtype
 ) -> None:
-    """Add the Gram of every group of ``xb``'s rows to ``out``, a chunk of images at a time."""
+    """Write the Gram of every group of ``xb``'s rows to ``out``, a chunk of images at a time."""
     kernel = (conv.kernel_size[0], conv.kernel_size[1])
     stride = (conv.stride[0], conv.stride[1])
     per_group = conv.in_channels // conv.groups
     left, right, top, bottom = _padding_pairs(conv, xb)
-    padded = (xb.shape[1], xb.shape[2] + top + bottom, xb.shape[3] + left + right)
-    per_image = _gram.conv2d_gram_bytes_per_image(padded, kernel, stride)
-    for images in _chunks(xb.shape[0], chunk_bytes // per_image):
-        xpad = _pad(conv, xb[images].to(dtype))
+    padded = (per_group, xb.shape[2] + top + bottom, xb.shape[3] + left + right)
+    per_image = conv.groups * _gram.conv2d_bytes_per_image(padded, kernel, stride)
+    f = per_group * kernel[1]
+    tables = out.new_zeros(conv.groups, kernel[0], f, kernel[0], f)
+    for piece in _chunks(xb, per_image, chunk_bytes):
+        xpad = _pad(conv, piece.to(dtype))
         for g in range(conv.groups):
             part = xpad[:, g * per_group : (g + 1) * per_group]
-            out[g] += _gram.conv2d_gram(part, kernel, stride)
+            tables[g] += _gram.conv2d_lags(part, kernel, stride)
+    for g in range(conv.groups):
+        out[g] = _gram.gram_from_lags(tables[g], per_group)
