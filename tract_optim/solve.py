@@ -145,9 +145,11 @@ def condition_estimate(matrix: Tensor, chol: Tensor, lam: float | Tensor, woodbu
     """
     wide, factor64 = matrix.double(), chol.double()
     n = wide.shape[-1]
-    gen = torch.Generator(device=wide.device).manual_seed(0)
-    start = torch.randn(n, 1, generator=gen, device=wide.device, dtype=torch.float64)
-    start = start.expand(wide.shape[0], n, 1) / math.sqrt(n)
+    # A fixed, irregular start vector: no random generator (none may be created while a CUDA
+    # graph is captured), and no symmetry that could hide an eigenvector.
+    index = torch.arange(1, n + 1, device=wide.device, dtype=torch.float64)
+    start = (1 + 0.5 * torch.sin(index * 2.399963)).reshape(n, 1)
+    start = (start / torch.linalg.vector_norm(start)).expand(wide.shape[0], n, 1)
     v, top = start, wide.new_ones(wide.shape[0])
     for _ in range(_ITERATIONS):
         v = wide @ v
