@@ -132,13 +132,17 @@ def test_precondition_then_accelerator_clip_grad_norm() -> None:
     ERRORS["precondition_ + accelerator.clip_grad_norm_"] = check_all(recorder, clip=CLIP)
 
 
-def run_state(tmp_path: Path, epochs: int, *, save_after: int | None, load: bool, seed: int) -> Any:
+def run_state(
+    tmp_path: Path, epochs: int, *, save_after: int | None, load: bool, seed: int
+) -> tuple[Any, tuple[float, ...], UpdateRecorder]:
     """Train ``epochs`` epochs; optionally save after ``save_after`` of them or load first."""
     accelerator = accelerate.Accelerator(cpu=True)
     model = tiny_net(seed)
+    recorder = UpdateRecorder(model)
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     opt = TrActOptimizer(sgd, model.conv1, LAM, clip_grad_norm=CLIP)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6)
+    recorder.watch([sgd])
     model, opt, sched, data = accelerator.prepare(model, opt, sched, loader(3))
     if load:
         accelerator.load_state(str(tmp_path / "state"))
@@ -151,7 +155,7 @@ def run_state(tmp_path: Path, epochs: int, *, save_after: int | None, load: bool
     lams = opt.optimizer.lams
     accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
     accelerate.state.GradientState._reset_state()
-    return accelerator.unwrap_model(model), lams
+    return accelerator.unwrap_model(model), lams, recorder
 
 
 def test_save_state_load_state_continues_exactly(tmp_path: Path) -> None:
@@ -159,9 +163,12 @@ def test_save_state_load_state_continues_exactly(tmp_path: Path) -> None:
 
     λ was set to 0.03 before training: a load that did not restore it would use 0.1.
     """
-    whole, _ = run_state(tmp_path, 2, save_after=1, load=False, seed=0)
-    resumed, lams = run_state(tmp_path, 1, save_after=None, load=True, seed=7)
+    whole, _, _ = run_state(tmp_path, 2, save_after=1, load=False, seed=0)
+    resumed, lams, recorder = run_state(tmp_path, 1, save_after=None, load=True, seed=7)
     assert lams == (0.03,)
+    conv = recorder.model.conv1
+    error = max(check_step(step, conv, 0.03, CLIP) for step in recorder.steps)
+    ERRORS["after load_state"] = error
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
 

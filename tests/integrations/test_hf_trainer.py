@@ -122,12 +122,12 @@ def test_max_grad_norm_alone_clips_the_raw_gradient(tmp_path: Path) -> None:
         assert relative_error(got, expected(step, conv, LAM, CLIP)) > 1e-2
 
 
-def resume_drift(root: Path, tract: bool) -> tuple[float, Any, Any]:
+def resume_drift(root: Path, tract: bool) -> tuple[float, Any, Any, UpdateRecorder]:
     """Largest parameter difference between 4 uninterrupted steps and 2 + resume for 2 more,
-    and both runs' final λ (None without TrAct)."""
+    both runs' final λ (None without TrAct) and the record of the resumed run."""
     setup: dict[str, Any] = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
     whole, opt_whole, _ = train(root / "whole", tract=tract, clip=CLIP, halve_lam=True, **setup)
-    resumed, opt_resumed, _ = train(
+    resumed, opt_resumed, recorder = train(
         root / "resumed", seed=3, tract=tract, clip=CLIP, halve_lam=True,
         resume=root / "whole" / "checkpoint-2", **setup,
     )  # fmt: skip
@@ -136,15 +136,17 @@ def resume_drift(root: Path, tract: bool) -> tuple[float, Any, Any]:
         for a, b in zip(whole.parameters(), resumed.parameters(), strict=True)
     )
     lams = [opt.lams if tract else None for opt in (opt_whole, opt_resumed)]
-    return drift, lams[0], lams[1]
+    return drift, lams[0], lams[1], recorder
 
 
 def test_resume_from_checkpoint_restores_lam(tmp_path: Path) -> None:
     """Resuming restores λ (halved every step, so a lost λ shows) and lands where plain AdamW's
     resume lands relative to its own uninterrupted run."""
-    tract_drift, lam_whole, lam_resumed = resume_drift(tmp_path / "tract", tract=True)
-    adamw_drift, _, _ = resume_drift(tmp_path / "adamw", tract=False)
+    tract_drift, lam_whole, lam_resumed, recorder = resume_drift(tmp_path / "tract", tract=True)
+    adamw_drift, _, _, _ = resume_drift(tmp_path / "adamw", tract=False)
     assert lam_whole == lam_resumed == (LAM / 16,)
+    # The resumed steps (3 and 4 of 4) use the restored λ: LAM/4 and LAM/8.
+    ERRORS["after resume_from_checkpoint"] = check_all(recorder, [LAM / 4, LAM / 8], CLIP)
     ERRORS["resume drift (TrAct)"] = tract_drift
     ERRORS["resume drift (AdamW)"] = adamw_drift
     assert tract_drift <= max(adamw_drift, 1e-6)
@@ -153,4 +155,5 @@ def test_resume_from_checkpoint_restores_lam(tmp_path: Path) -> None:
 def test_report_errors() -> None:
     """Print the measured errors (run with -s to see them)."""
     for what, error in ERRORS.items():
-        print(f"hf trainer {what}: {error:.2e}")
+        kind = "max parameter difference" if "drift" in what else "max relative error"
+        print(f"hf trainer {what}: {kind} {error:.2e}")

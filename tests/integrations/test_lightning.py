@@ -81,11 +81,14 @@ def classifier(momentum: float = 0.0, clip: float | None = None, steps: int = 3)
     return example.TrActClassifier(tiny_net(), steps=steps, lr=LR, momentum=momentum, clip=clip)
 
 
-def check_all(recorder: UpdateRecorder, lams: list[float], clip: float | None = None) -> float:
+def check_all(
+    recorder: UpdateRecorder, lams: list[float], clip: float | None = None, sgd_lr: bool = True
+) -> float:
+    """``check_step`` for every step; ``sgd_lr``: also the update of plain SGD (no momentum)."""
     assert len(recorder.steps) == len(lams)
     conv = recorder.model.conv1
     errors = [
-        check_step(step, conv, lam, clip, sgd_lr=True)
+        check_step(step, conv, lam, clip, sgd_lr=sgd_lr)
         for step, lam in zip(recorder.steps, lams, strict=True)
     ]
     return max(errors)
@@ -227,8 +230,10 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
     ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(ckpt)
     resumed = LamSchedule(tiny_net(seed=5), steps=steps, lr=LR, momentum=0.9, clip=CLIP)
-    trainer, _ = fit(resumed, tmp_path / "resumed", max_epochs=2, ckpt_path=str(ckpt))
+    trainer, recorder = fit(resumed, tmp_path / "resumed", max_epochs=2, ckpt_path=str(ckpt))
     assert trainer.optimizers[0].lams == (START_LAM / 2**steps,)
+    lams = [START_LAM / 2**k for k in range(3, steps)]
+    ERRORS["after fit(ckpt_path=...)"] = check_all(recorder, lams, CLIP, sgd_lr=False)
     for (name, a), b in zip(
         whole.model.named_parameters(), resumed.model.parameters(), strict=True
     ):
