@@ -64,6 +64,7 @@ def main() -> None:
             logits = model.eval()(data.test_x.to(device))
         accuracy = (logits.argmax(1).cpu() == data.test_y).float().mean()
         print(f"test accuracy {accuracy:.3f}; {len(replicas)} replicas agree")
+    dist.barrier()  # leave together: gloo aborts a rank whose peer tore down first
     dist.destroy_process_group()
 
 
