@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# CPU build of torch first; a GPU machine may install its own build instead.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev,examples]"
+	$(PY) -m pip install --quiet -e ".[dev,examples,integrations]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,8 +25,9 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check tract_optim tests scripts
 	$(PY) -m mypy
 
+# The integration tests fail instead of skipping when a framework is missing.
 test: lint
-	$(PY) -m pytest -q
+	TRACT_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py

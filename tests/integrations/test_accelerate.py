@@ -1,0 +1,179 @@
+"""TrAct with real Hugging Face Accelerate (CPU): every inner step against the float64 reference.
+
+The training loop is ``scripts/examples/accelerate_example.py``'s ``train_epoch`` (the README's
+Accelerate block); the model is ``TinyNet`` on data whose channels have very different scales, so
+that TrAct, TrAct twice and no TrAct differ by far more than the tolerance (``check_step``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _frameworks import UpdateRecorder, check_step, import_example, require, tiny_data, tiny_net
+from torch.utils.data import DataLoader, TensorDataset
+
+from tract_optim import TrActOptimizer
+
+accelerate = require("accelerate")
+example = import_example("accelerate_example")
+
+BATCH = 4
+LR = 0.5
+LAM = 0.1
+CLIP = 0.05
+ERRORS: dict[str, float] = {}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state() -> Iterator[None]:
+    """Accelerate keeps process-wide singletons; every test starts from a clean state."""
+    yield
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    accelerate.state.GradientState._reset_state()
+
+
+def loader(batches: int, batch: int = BATCH) -> DataLoader[Any]:
+    x, y = tiny_data(batches * batch)
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+
+
+def halving(opt: Any) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+
+
+def check_all(recorder: UpdateRecorder, lam: float = LAM, clip: float | None = None) -> float:
+    conv = recorder.model.conv1
+    return max(check_step(step, conv, lam, clip, sgd_lr=True) for step in recorder.steps)
+
+
+@pytest.mark.parametrize("order", ["optimizer, then prepare all", "prepare model first"])
+def test_prepare_before_and_after_creating_the_optimizer(order: str) -> None:
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = tiny_net()
+    recorder = UpdateRecorder(model)
+    if order == "prepare model first":
+        model = accelerator.prepare(model)
+        first = accelerator.unwrap_model(model).conv1
+        opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=LR), first, LAM)
+        tract = opt
+        sched = halving(opt)
+        opt, sched, data = accelerator.prepare(opt, sched, loader(3))
+    else:
+        opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model.conv1, LAM)
+        tract = opt
+        sched = halving(opt)
+        model, opt, sched, data = accelerator.prepare(model, opt, sched, loader(3))
+    assert opt.optimizer is tract
+    recorder.watch(tract.optimizers)
+    example.train_epoch(accelerator, model, opt, sched, data)
+    assert [step.lr for step in recorder.steps] == [LR, LR / 2, LR / 4]
+    ERRORS[f"prepare ({order})"] = check_all(recorder)
+
+
+def accumulated_run(accumulate: int, batch: int, clip: float | None = None) -> UpdateRecorder:
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
+    model = tiny_net()
+    recorder = UpdateRecorder(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=LR)
+    opt = TrActOptimizer(sgd, model.conv1, LAM, clip_grad_norm=clip)
+    sched = halving(opt)
+    model, opt, sched, data = accelerator.prepare(model, opt, sched, loader(8 // batch, batch))
+    recorder.watch([sgd])
+    example.train_epoch(accelerator, model, opt, sched, data)
+    return recorder
+
+
+def test_accumulate_equals_the_big_batch() -> None:
+    """Two micro-batches of 4 per step == one batch of 8, and both match the reference."""
+    small = accumulated_run(accumulate=2, batch=4)
+    assert [len(step.inputs) for step in small.steps] == [2]
+    ERRORS["accumulate(), 2 micro-batches"] = check_all(small)
+    accelerate.state.GradientState._reset_state()
+    big = accumulated_run(accumulate=1, batch=8)
+    scale = float(big.model.conv1.weight.detach().abs().max())
+    for a, b in zip(small.model.parameters(), big.model.parameters(), strict=True):
+        assert float((a - b).detach().abs().max()) <= 1e-6 * scale
+
+
+def test_clip_grad_norm_option_with_accumulation() -> None:
+    """The recommended recipe: TrActOptimizer clips the TrAct gradient inside step()."""
+    recorder = accumulated_run(accumulate=2, batch=2, clip=CLIP)
+    assert [len(step.inputs) for step in recorder.steps] == [2, 2]
+    ERRORS["clip_grad_norm= with accumulate()"] = check_all(recorder, clip=CLIP)
+
+
+def test_precondition_then_accelerator_clip_grad_norm() -> None:
+    """The other recipe: precondition on the sync step, then accelerator.clip_grad_norm_.
+
+    ``AcceleratedOptimizer`` does not forward ``precondition_``: call it on the TrActOptimizer
+    that went into ``prepare`` (here ``tract``; ``opt.optimizer`` is the same object).
+    """
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny_net()
+    recorder = UpdateRecorder(model)
+    tract = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model.conv1, LAM)
+    recorder.watch(tract.optimizers)
+    model, opt, data = accelerator.prepare(model, tract, loader(4, 2))
+    for x, y in data:
+        with accelerator.accumulate(model):
+            loss = F.cross_entropy(model(x), y)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                tract.precondition_()
+                accelerator.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+            opt.zero_grad()
+    assert len(recorder.steps) == 2
+    ERRORS["precondition_ + accelerator.clip_grad_norm_"] = check_all(recorder, clip=CLIP)
+
+
+def run_state(
+    tmp_path: Path, epochs: int, *, save_after: int | None, load: bool, seed: int
+) -> tuple[Any, tuple[float, ...], UpdateRecorder]:
+    """Train ``epochs`` epochs; optionally save after ``save_after`` of them or load first."""
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = tiny_net(seed)
+    recorder = UpdateRecorder(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    opt = TrActOptimizer(sgd, model.conv1, LAM, clip_grad_norm=CLIP)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6)
+    recorder.watch([sgd])
+    model, opt, sched, data = accelerator.prepare(model, opt, sched, loader(3))
+    if load:
+        accelerator.load_state(str(tmp_path / "state"))
+    else:
+        opt.optimizer.set_lam(0.03)
+    for epoch in range(epochs):
+        example.train_epoch(accelerator, model, opt, sched, data)
+        if save_after == epoch + 1:
+            accelerator.save_state(str(tmp_path / "state"))
+    lams = opt.optimizer.lams
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    accelerate.state.GradientState._reset_state()
+    return accelerator.unwrap_model(model), lams, recorder
+
+
+def test_save_state_load_state_continues_exactly(tmp_path: Path) -> None:
+    """Save after epoch 1 of 2; a fresh model and optimizer load it and do epoch 2 identically.
+
+    λ was set to 0.03 before training: a load that did not restore it would use 0.1.
+    """
+    whole, _, _ = run_state(tmp_path, 2, save_after=1, load=False, seed=0)
+    resumed, lams, recorder = run_state(tmp_path, 1, save_after=None, load=True, seed=7)
+    assert lams == (0.03,)
+    conv = recorder.model.conv1
+    error = max(check_step(step, conv, 0.03, CLIP) for step in recorder.steps)
+    ERRORS["after load_state"] = error
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_report_errors() -> None:
+    """Print the measured errors (run with -s to see them)."""
+    for what, error in ERRORS.items():
+        print(f"accelerate {what}: max relative error {error:.2e}")
