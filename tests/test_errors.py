@@ -130,7 +130,7 @@ _CONSTRUCTOR_CASES: list[tuple[str, Build, type[Exception], str]] = [
         "chunk_float",
         lambda m, o: TrActOptimizer(o, m[0], chunk_bytes=2.5e6),  # type: ignore[arg-type]
         ValueError,
-        r"chunk_bytes must be a positive int, got 2500000\.0",
+        r"chunk_bytes must be None or a positive int, got 2500000\.0",
     ),
     (
         "chunk_bool",

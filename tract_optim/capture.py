@@ -127,7 +127,7 @@ class LayerCapture:
     def __init__(
         self,
         layer: nn.Module,
-        chunk_bytes: int = unfold.DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         *,
         static: bool = False,
     ) -> None:

@@ -109,7 +109,8 @@ class TrActOptimizer(Optimizer):
         lam: TrAct's damping λ > 0 (paper default 0.1), one value or one per layer.
         solve_dtype: ``None`` (default: fp32, or fp64 for fp64 gradients), ``torch.float32`` or
             ``torch.float64`` for the solve.
-        chunk_bytes: bound on the bytes of unfolded input materialised at once by the hooks.
+        chunk_bytes: bound on the bytes of unfolded input materialised at once by the hooks
+            (default: 16 MiB on CPU, 256 MiB on CUDA devices).
         process_group: the data-parallel group whose statistics are summed (default: the world
             group whenever torch.distributed is initialised).
         sync_statistics: ``False`` keeps every rank's statistics local (the authors' behaviour).
@@ -134,7 +135,7 @@ class TrActOptimizer(Optimizer):
         lam: float | Sequence[float] = 0.1,
         *,
         solve_dtype: torch.dtype | None = None,
-        chunk_bytes: int = unfold.DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         process_group: dist.ProcessGroup | None = None,
         sync_statistics: bool = True,
         clip_grad_norm: float | None = None,
@@ -157,8 +158,10 @@ class TrActOptimizer(Optimizer):
         if clip_grad_norm is not None:
             clip_grad_norm = _check_positive(clip_grad_norm, "clip_grad_norm")
         clip_norm_type = _check_positive(clip_norm_type, "clip_norm_type", allow_inf=True)
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        if chunk_bytes is not None and (
+            isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0
+        ):
+            raise ValueError(f"chunk_bytes must be None or a positive int, got {chunk_bytes!r}")
         held = {id(p) for opt in inner for group in opt.param_groups for p in group["params"]}
         for i, layer in enumerate(layers):
             if id(layer.weight) not in held:

@@ -24,6 +24,9 @@ from .layers import pads_tf_same
 
 #: Default bound on the bytes of unfolded rows materialised at once.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
+#: ... on a CUDA device, where small chunks cost more in kernel launches than they save in memory
+#: (ResNet-50 step on an H200 at batch 128: 1.15× plain with 16 MiB chunks, 1.07× with 256 MiB).
+CUDA_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ def check_pass(layer: nn.Module, x: Tensor, output: Tensor) -> None:
 def gram(
     layer: nn.Module,
     x: Tensor,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """xᵀx per group, shape (groups, n, n), in ``dtype`` (fp32 or fp64), materialising at most
@@ -208,6 +211,8 @@ def gram(
     ``torch.compile`` the whole batch is one chunk (see ``_chunks``).
     """
     geo = geometry(layer)
+    if chunk_bytes is None:
+        chunk_bytes = CUDA_CHUNK_BYTES if x.device.type == "cuda" else DEFAULT_CHUNK_BYTES
     out = torch.zeros(geo.groups, geo.n, geo.n, dtype=dtype, device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
         if isinstance(layer, nn.Linear):
