@@ -44,12 +44,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+# The sibling script modules, and the package of this checkout rather than whichever tract_optim
+# is installed (an editable install of another checkout would be benchmarked instead).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_models
+import models
+
 import tract_optim
 from tract_optim import TrActOptimizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_models  # sibling script modules
-import models
 
 VARIANTS = ("plain", "tract_optim", "torch-tract")
 CHUNKED = "tract_optim, {} MiB chunks"  # TrActOptimizer(chunk_bytes=...), eager cases only

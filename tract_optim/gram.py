@@ -10,9 +10,9 @@ every row's products with its next ``k_h`` rows (all lags at once: ``Z`` is stor
 rows ``h … h + k_h − 1`` are one strided view), and each block is a strided sum of them. Each Gram
 entry is still a plain sum of the same fp32 products (only the order of summation changes), so
 the result is exact up to fp32 rounding. Work: about k_h·(C·k_w)² multiply-adds per padded row
-and output column instead of (C·k_h·k_w)² per output position (a 7×7/2 stem: 7·21² per row and
-column instead of 147² per position, ~4× less), and the only copy is the width-unfolded input
-(k_w/s_w times the input, not k_h·k_w/(s_h·s_w)).
+and output column instead of (C·k_h·k_w)² per output position (a 7×7/2 stem: 2 rows of 7·21²
+instead of 147², 3.5× less), and the only copy is the width-unfolded input (k_w/s_w times the
+input, not k_h·k_w/(s_h·s_w)).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 #: Input rows per product of ``conv2d_lags``: two rows against their next k_h + 1 rows make the
-#: products twice as tall for (k_h + 1)/k_h of the work, which GEMM kernels run much faster
-#: than products only C·k_w rows tall (1.2–1.3× for the stems of ``scripts/bench.py``, CPU).
+#: products twice as tall for (k_h + 1)/k_h of the work, which GEMM kernels run faster than
+#: products only C·k_w rows tall (the whole Gram 1.07× faster for the 7×7/2 stem and 1.3× for
+#: the 3×3 CIFAR stem of ``scripts/bench.py``, one CPU thread; 3 or 4 rows were slower).
 ROWS_PER_PRODUCT = 2
 
 
