@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -57,6 +58,8 @@ from tract_optim import TrActOptimizer
 VARIANTS = ("plain", "tract_optim", "torch-tract")
 CHUNKED = "tract_optim, {} MiB chunks"  # TrActOptimizer(chunk_bytes=...), eager cases only
 LAM = 0.1
+#: The TrActOptimizer of each variant that uses one; ``--baseline DIR`` adds "baseline".
+OPTIMIZERS: dict[str, Any] = {"tract_optim": TrActOptimizer}
 START = time.monotonic()
 
 
@@ -123,6 +126,21 @@ def memory_cases(quick: bool) -> list[Case]:
     """The ImageNet stem at growing batch sizes (memory only)."""
     batches = (1, 2) if quick else (8, 32, 128)
     return [replace(imagenet_stem(b), name=f"ImageNet stem, batch {b}") for b in batches]
+
+
+def load_baseline(checkout: Path) -> Any:
+    """``TrActOptimizer`` of another checkout of tract_optim (e.g. an older commit, exported with
+    ``git archive``), imported as the package ``tract_optim_baseline``."""
+    init = checkout / "tract_optim" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        "tract_optim_baseline", init, submodule_search_locations=[str(init.parent)]
+    )
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline: no tract_optim package in {checkout}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.TrActOptimizer
 
 
 def authors_available() -> bool:
@@ -217,8 +235,8 @@ def make_runner(
         model = _set(model, case.first, Fp32(layer) if case.amp else layer).to(device)
     sgd = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     optimizer: torch.optim.Optimizer = sgd
-    if variant == "tract_optim":
-        optimizer = TrActOptimizer(sgd, _get(model, case.first), lam=LAM)
+    if variant in OPTIMIZERS:
+        optimizer = OPTIMIZERS[variant](sgd, _get(model, case.first), lam=LAM)
     elif variant.startswith("tract_optim, "):
         chunk_bytes = int(variant.split()[1]) * 2**20
         optimizer = TrActOptimizer(sgd, _get(model, case.first), lam=LAM, chunk_bytes=chunk_bytes)
@@ -354,6 +372,7 @@ def measure_memory(case_id: str, variant: str, args: argparse.Namespace) -> floa
     """Run ``measure_memory_here`` in a fresh interpreter; None if the child failed."""
     cmd = [sys.executable, __file__, "--_memory", case_id, variant, "--device", args.device]
     cmd += ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    cmd += ["--baseline", str(args.baseline)] if args.baseline else []
     # glibc: a fixed mmap threshold returns every large block to the OS when freed, so RSS
     # follows the live tensors (the dynamic threshold keeps freed blocks of up to 32 MiB).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**16)}
@@ -569,6 +588,7 @@ def new_report(
             "lam": LAM,
             "quick": args.quick,
             "compile_backend": args.compile_backend,
+            "baseline": None if args.baseline is None else str(args.baseline),
         },
         "variants": variants,
         "cases": [],
@@ -644,6 +664,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="add a tract_optim variant with chunk_bytes of this many MiB to the eager cases "
         "(suite on CUDA: 256; the library's default chunk is sized for CPU caches)",
     )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="add a 'baseline' variant: TrActOptimizer of the checkout in DIR (before/after "
+        "ratios side by side in one run)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-models", action="store_true", help="skip the whole-model cases")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -668,6 +696,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.baseline is not None:
+        OPTIMIZERS["baseline"] = load_baseline(args.baseline)
     if args._memory is not None:
         case_id, variant = args._memory
         mib = measure_memory_here(_case_by_id(case_id, args.quick), variant, device)
@@ -678,6 +708,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.chunk_mib:
         variants.insert(2, CHUNKED.format(args.chunk_mib))
+    if args.baseline is not None:
+        variants.insert(2, "baseline")
     if args.gpu_suite is not None:
         run_suite(args, device, variants)
         return

@@ -33,14 +33,16 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
 def quick_report(tmp_path_factory: pytest.TempPathFactory) -> Report:
     out = tmp_path_factory.mktemp("bench")
     json_path, md_path = out / "bench.json", out / "bench.md"
-    run_bench("--quick", "--threads", "1", "--json", str(json_path), "--markdown", str(md_path))
+    args = ["--quick", "--threads", "1", "--json", str(json_path), "--markdown", str(md_path)]
+    run_bench(*args, "--baseline", str(ROOT))  # this checkout as its own baseline
     return json.loads(json_path.read_text()), md_path.read_text()
 
 
 def test_report_has_every_case_and_variant(quick_report: Report) -> None:
     report, _ = quick_report
     variants = report["variants"]
-    assert variants[:2] == ["plain", "tract_optim"]
+    assert variants[:3] == ["plain", "tract_optim", "baseline"]
+    assert report["settings"]["baseline"] == str(ROOT)
     names = [c["case"] for c in report["cases"]]
     expected = ["CIFAR stem", "ImageNet stem", "ViT-S/16 patch", "patch 32", "Linear 784→256"]
     assert len(names) == len(expected)
