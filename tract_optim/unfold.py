@@ -83,8 +83,11 @@ def _is_patch_embedding(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> bool:
     )
 
 
-def _conv_rows(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
-    """Rows of a batch of (already batched) inputs, shape (groups, B·positions, n)."""
+def _conv_rows(
+    conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor, out: Tensor | None = None
+) -> Tensor:
+    """Rows of a batch of (already batched) inputs, shape (groups, B·positions, n), written to
+    ``out`` (as many elements as the rows, any shape) if given."""
     dims = len(conv.kernel_size)
     batch, channels = x.shape[0], x.shape[1]
     if _is_patch_embedding(conv):
@@ -112,7 +115,10 @@ def _conv_rows(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
         windows = windows.permute(order)
     groups = conv.groups
     n = channels // groups * math.prod(conv.kernel_size)
-    rows = windows.reshape(-1, groups, n)
+    if out is None:
+        rows = windows.reshape(-1, groups, n)
+    else:
+        rows = out.view(windows.shape).copy_(windows).view(-1, groups, n)
     return rows.transpose(0, 1)
 
 
@@ -172,9 +178,15 @@ def gram(layer: nn.Module, x: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) ->
         if _uses_conv2d_kernel(layer):
             _conv2d_gram_into(out, layer, xb, chunk_bytes)
             return out
-        per_image = max(1, row_count(layer, xb[:1])) * geo.n * geo.groups * 4
-        for piece in _chunks(xb, per_image, chunk_bytes):
-            _gram.add_upper_(out, rows(layer, piece.float()))
+        assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        per_image = row_count(layer, xb[:1]) * geo.n * geo.groups  # elements of rows
+        pieces = _chunks(xb, 4 * max(1, per_image), chunk_bytes)
+        # One buffer for the rows of every chunk (the first is the largest): glibc may return a
+        # freed block this large to the OS, and the next chunk's pages are then mapped afresh.
+        buffer = out.new_empty(pieces[0].shape[0] * per_image)
+        for piece in pieces:
+            part = buffer[: piece.shape[0] * per_image]
+            _gram.add_upper_(out, _conv_rows(layer, piece.float(), part))
     return _gram.mirror_upper(out)
 
 
