@@ -179,15 +179,25 @@ def gram(layer: nn.Module, x: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) ->
             _conv2d_gram_into(out, layer, xb, chunk_bytes)
             return out
         assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        per_image = row_count(layer, xb[:1]) * geo.n * geo.groups  # elements of rows
-        pieces = _chunks(xb, 4 * max(1, per_image), chunk_bytes)
-        # One buffer for the rows of every chunk (the first is the largest): glibc may return a
-        # freed block this large to the OS, and the next chunk's pages are then mapped afresh.
-        buffer = out.new_empty(pieces[0].shape[0] * per_image)
-        for piece in pieces:
-            part = buffer[: piece.shape[0] * per_image]
-            _gram.add_upper_(out, _conv_rows(layer, piece.float(), part))
+        _add_unfolded_upper_(out, layer, xb, chunk_bytes)
     return _gram.mirror_upper(out)
+
+
+def _add_unfolded_upper_(
+    out: Tensor, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, xb: Tensor, chunk_bytes: int
+) -> None:
+    """Add the upper triangles of the Grams of ``xb``'s rows to ``out``, a chunk at a time.
+
+    The rows of every chunk go to one buffer (the first chunk is the largest): glibc may return
+    a freed block this large to the OS, and a fresh one's pages are then mapped again. The
+    buffer is freed on return, before the caller mirrors ``out``.
+    """
+    per_image = row_count(conv, xb[:1]) * out.shape[0] * out.shape[1]  # elements of rows
+    pieces = _chunks(xb, 4 * max(1, per_image), chunk_bytes)
+    buffer = out.new_empty(pieces[0].shape[0] * per_image)
+    for piece in pieces:
+        part = buffer[: piece.shape[0] * per_image]
+        _gram.add_upper_(out, _conv_rows(conv, piece.float(), part))
 
 
 def _chunks(x: Tensor, bytes_per_item: int, chunk_bytes: int) -> tuple[Tensor, ...]:
