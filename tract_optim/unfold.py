@@ -97,8 +97,11 @@ def _is_patch_embedding(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> b
     )
 
 
-def _conv_rows(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
-    """Rows of a batch of (already batched) inputs, shape (groups, B·positions, n)."""
+def _conv_rows(
+    conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor, out: Tensor | None = None
+) -> Tensor:
+    """Rows of a batch of (already batched) inputs, shape (groups, B·positions, n), written to
+    ``out`` (as many elements as the rows, any shape) if given."""
     dims = len(conv.kernel_size)
     batch, channels = x.shape[0], x.shape[1]
     if _is_patch_embedding(conv, x):
@@ -126,7 +129,10 @@ def _conv_rows(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
         windows = windows.permute(order)
     groups = conv.groups
     n = channels // groups * math.prod(conv.kernel_size)
-    rows = windows.reshape(-1, groups, n)
+    if out is None:
+        rows = windows.reshape(-1, groups, n)
+    else:
+        rows = out.view(windows.shape).copy_(windows).view(-1, groups, n)
     return rows.transpose(0, 1)
 
 
@@ -224,10 +230,30 @@ def gram(
         if _uses_conv2d_kernel(layer, xb):
             _conv2d_gram_into(out, layer, xb, chunk_bytes, dtype)
             return out
-        per_image = max(1, row_count(layer, xb[:1])) * geo.n * geo.groups * 4
-        for piece in _chunks(xb, per_image, chunk_bytes):
-            _gram.add_upper_(out, rows(layer, piece.to(dtype)))
+        assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        _add_unfolded_upper_(out, layer, xb, chunk_bytes, dtype)
     return _gram.mirror_upper(out)
+
+
+def _add_unfolded_upper_(
+    out: Tensor,
+    conv: nn.Conv1d | nn.Conv2d | nn.Conv3d,
+    xb: Tensor,
+    chunk_bytes: int,
+    dtype: torch.dtype,
+) -> None:
+    """Add the upper triangles of the Grams of ``xb``'s rows to ``out``, a chunk at a time.
+
+    The rows of every chunk go to one buffer (the first chunk is the largest): glibc may return
+    a freed block this large to the OS, and a fresh one's pages are then mapped again. The
+    buffer is freed on return, before the caller mirrors ``out``.
+    """
+    per_image = row_count(conv, xb[:1]) * out.shape[0] * out.shape[1]  # elements of rows
+    pieces = _chunks(xb, out.element_size() * max(1, per_image), chunk_bytes)
+    buffer = out.new_empty(pieces[0].shape[0] * per_image)
+    for piece in pieces:
+        part = buffer[: piece.shape[0] * per_image]
+        _gram.add_upper_(out, _conv_rows(conv, piece.to(dtype), part))
 
 
 def _chunks(x: Tensor, bytes_per_item: int, chunk_bytes: int) -> tuple[Tensor, ...]:
