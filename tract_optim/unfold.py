@@ -257,7 +257,7 @@ def _add_unfolded_upper_(
 
 
 def _chunks(x: Tensor, bytes_per_item: int, chunk_bytes: int) -> tuple[Tensor, ...]:
-    """``x`` split along dim 0 into pieces of about ``chunk_bytes`` of work each.
+    """``x`` split along dim 0 into equal pieces of at most ``chunk_bytes`` of work each.
 
     Inside ``torch.compile`` the whole of ``x`` is one piece: a loop over the batch would make
     Dynamo specialise the graph on the batch size (one recompilation per size), and the
@@ -265,7 +265,9 @@ def _chunks(x: Tensor, bytes_per_item: int, chunk_bytes: int) -> tuple[Tensor, .
     """
     if torch.compiler.is_compiling():
         return (x,)
-    return torch.split(x, max(1, chunk_bytes // bytes_per_item))
+    per = max(1, chunk_bytes // bytes_per_item)
+    # equal pieces (32 as 11, 11, 10 rather than 13, 13, 6): no short last product
+    return torch.tensor_split(x, -(-x.shape[0] // per)) if x.shape[0] else (x,)
 
 
 def _uses_conv2d_kernel(layer: nn.Module, x: Tensor) -> TypeGuard[nn.Conv2d]:
@@ -280,19 +282,26 @@ def _uses_conv2d_kernel(layer: nn.Module, x: Tensor) -> TypeGuard[nn.Conv2d]:
 def _conv2d_gram_into(
     out: Tensor, conv: nn.Conv2d, xb: Tensor, chunk_bytes: int, dtype: torch.dtype
 ) -> None:
-    """Write the Gram of every group of ``xb``'s rows to ``out``, a chunk of images at a time."""
+    """Write the Gram of every group of ``xb``'s rows to ``out``: images padded a chunk at a
+    time (half of ``chunk_bytes``), their width windows a band of rows at a time (the other half).
+    """
     kernel = (conv.kernel_size[0], conv.kernel_size[1])
     stride = (conv.stride[0], conv.stride[1])
     per_group = conv.in_channels // conv.groups
     left, right, top, bottom = _padding_pairs(conv, xb)
-    padded = (per_group, xb.shape[2] + top + bottom, xb.shape[3] + left + right)
-    per_image = conv.groups * _gram.conv2d_bytes_per_image(padded, kernel, stride)
+    padded = conv.in_channels * (xb.shape[2] + top + bottom) * (xb.shape[3] + left + right)
+    per_image = padded * torch.finfo(dtype).bits // 8
+    # one band inside torch.compile: band sizes depend on the batch (see ``_chunks``)
+    band = None if torch.compiler.is_compiling() else chunk_bytes // 2
     f = per_group * kernel[1]
     tables = out.new_zeros(conv.groups, kernel[0], f, kernel[0], f)
-    for piece in _chunks(xb, per_image, chunk_bytes):
-        xpad = _pad(conv, piece.to(dtype))
+    # zero padding is written by the kernel's own copy; other modes pad first
+    zeros = conv.padding_mode == "zeros"
+    padding = (top, bottom, left, right) if zeros else (0, 0, 0, 0)
+    for piece in _chunks(xb, per_image, chunk_bytes // 2):
+        piece = piece.to(dtype) if zeros else _pad(conv, piece.to(dtype))
         for g in range(conv.groups):
-            part = xpad[:, g * per_group : (g + 1) * per_group]
-            tables[g] += _gram.conv2d_lags(part, kernel, stride)
+            part = piece[:, g * per_group : (g + 1) * per_group]
+            tables[g] += _gram.conv2d_lags(part, kernel, stride, band_bytes=band, padding=padding)
     for g in range(conv.groups):
         out[g] = _gram.gram_from_lags(tables[g], per_group)
