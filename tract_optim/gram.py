@@ -103,14 +103,20 @@ def _phases(
     phases: (rows, C, count, B, width), entry [h, c, φ, b, u] = padded column s_w·u + φ."""
     top, _, left, _ = padding
     batch, channels, in_height, in_width = x.shape
-    out = x.new_zeros(rows, channels, count, batch, width)
+    out = x.new_empty(rows, channels, count, batch, width)
     h0, h1 = top, min(rows, top + in_height)
+    # zeros where the padding is: rows above and below the input, columns left and right
+    out[: min(h0, rows)].zero_()
+    out[max(h1, h0) :].zero_()
     for phase in range(count):
         # padded column s_w·u + φ is input column s_w·u + φ − left
         u0 = max(0, -(-(left - phase) // sw))
         u1 = min(width, (in_width - 1 + left - phase) // sw + 1)
         if u1 <= u0 or h1 <= h0:
+            out[h0:h1, :, phase].zero_()
             continue
+        out[h0:h1, :, phase, :, :u0].zero_()
+        out[h0:h1, :, phase, :, u1:].zero_()
         column = sw * u0 + phase - left
         source = x[:, :, : h1 - h0, column : column + sw * (u1 - u0) : sw]
         out[h0:h1, :, phase, :, u0:u1].copy_(source.permute(2, 1, 0, 3))
