@@ -174,6 +174,19 @@ def test_optimizer_created_after_compiled_calls_is_never_silent() -> None:
     assert max_abs_diff(model.state_dict(), before) == 0
 
 
+def test_hook_guards_let_an_optimizer_created_after_compiled_calls_work() -> None:
+    """The remedy the error names: with ``skip_nnmodule_hook_guards = False`` set before the
+    first compiled call, adding the hooks recompiles, and training equals eager TrAct."""
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        model = make("conv")
+        compiled = torch.compile(model, backend=CountingBackend())
+        x, y = batches("conv")[0]
+        F.cross_entropy(compiled(x), y).backward()  # compiles without the hook
+        model.zero_grad()
+        train(optimizer(model), compiled, "conv")
+    assert max_abs_diff(model.state_dict(), eager_params("conv")) < TOL
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_inductor_on_cuda_trains_as_eager() -> None:
     """Inductor on a GPU: the same training as eager."""

@@ -569,8 +569,9 @@ def _missing_message(index: int, capture: LayerCapture) -> str:
         f"{what} has a gradient, but its forward hook recorded no training pass since the last "
         "step. Likely causes: the weight is used functionally (F.conv2d(x, layer.weight)) instead "
         "of calling the layer; the model was torch.compile'd before TrActOptimizer was created "
-        "(create the optimizer first); the pass ran under no_grad/inference_mode or in eval "
-        "mode; or the weight was frozen (requires_grad=False) during the pass and this gradient "
-        "is left over from before the last step (call zero_grad() every step). Call the layer "
-        "module in train mode with grad enabled."
+        "(create the optimizer first, or set torch._dynamo.config.skip_nnmodule_hook_guards = "
+        "False before the first compiled call); the pass ran under no_grad/inference_mode or "
+        "in eval mode; or the weight was frozen (requires_grad=False) during the pass and this "
+        "gradient is left over from before the last step (call zero_grad() every step). Call "
+        "the layer module in train mode with grad enabled."
     )
