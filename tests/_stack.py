@@ -1,9 +1,9 @@
-"""Helpers for the training-stack tests: a multi-process runner and an fp64 TrAct reference.
+"""Helpers for the training-stack tests: a multi-process runner and a state-dict comparison.
 
 ``run_workers`` starts N processes joined by a gloo process group on 127.0.0.1 and returns what
 each rank's function returned. It never hangs: a rank that fails stops the others at once, and the
-whole run is killed after ``timeout`` seconds. ``precondition_reference`` is TrAct written out
-naively (float64, ``torch.linalg.solve``), sharing no code with the library.
+whole run is killed after ``timeout`` seconds. The float64 TrAct reference is
+``reference.tract_grad``.
 """
 
 from __future__ import annotations
@@ -93,22 +93,6 @@ def _wait(procs: list[Any], timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"worker processes still running after {timeout} s; killed")
         time.sleep(0.05)
-
-
-def precondition_reference(rows: Tensor, grad: Tensor, lam: float) -> Tensor:
-    """TrAct's G·(XᵀX/r + λI)⁻¹ in float64, one group of output channels at a time.
-
-    ``rows``: (groups, r, n) unfolded inputs; ``grad``: the weight gradient (out, ...).
-    Returns float64 of ``grad``'s shape.
-    """
-    groups, count, n = rows.shape
-    x = rows.double()
-    flat = grad.double().reshape(groups, -1, n)
-    eye = torch.eye(n, dtype=torch.float64)
-    matrix = x.transpose(1, 2) @ x / count + lam * eye
-    # G M⁻¹ = (M⁻¹ Gᵀ)ᵀ as M is symmetric.
-    out = torch.linalg.solve(matrix, flat.transpose(1, 2)).transpose(1, 2)
-    return out.reshape(grad.shape)
 
 
 def max_abs_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:

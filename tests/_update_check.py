@@ -2,7 +2,7 @@
 
 ``tract_gradient`` runs a forward/backward through a model with ``TrActOptimizer`` on the given
 first layers and returns each layer's raw and preconditioned weight gradient;
-``assert_tract_update`` checks a preconditioned gradient against ``_stack.precondition_reference``
+``assert_tract_update`` checks a preconditioned gradient against ``reference.tract_grad``
 on rows built by the caller (independently of the library).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from _stack import precondition_reference
+from reference import condition, relative_error, tract_grad
 from torch import Tensor, nn
 
 from tract_optim import TrActOptimizer
@@ -43,11 +43,8 @@ def tract_gradient(
 
 def assert_tract_update(got: Tensor, raw: Tensor, rows: Tensor, lam: float) -> None:
     """``got`` is the float64 TrAct update of ``raw`` for ``rows``, within fp32 statistics."""
-    expected = precondition_reference(rows, raw, lam)
+    expected = tract_grad(rows, raw, lam)
     assert expected.abs().max() > 0, "a zero gradient would make this check vacuous"
-    n = rows.shape[-1]
-    matrix = rows.transpose(1, 2) @ rows / rows.shape[1] + lam * torch.eye(n, dtype=torch.float64)
-    eigs = torch.linalg.eigvalsh(matrix)
-    cond = (eigs[:, -1] / eigs[:, 0]).max().item()
-    error = (got.double() - expected).abs().max().item() / expected.abs().max().item()
+    cond = condition(rows, lam)
+    error = relative_error(got, expected)
     assert error <= ERROR_PER_COND * cond, f"relative error {error:.3g}, cond {cond:.3g}"

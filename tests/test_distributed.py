@@ -5,7 +5,7 @@ compare what each rank ended with against
 
 * the library in a single process on the concatenated global batch, and
 * a hand-written simulation of data parallelism: one model copy per rank, gradients averaged as
-  DDP does, the first layers preconditioned by ``precondition_reference`` (float64, no library
+  DDP does, the first layers preconditioned by ``tract_grad`` (float64, no library
   code) with either the global batch's rows (synchronised statistics) or the rank's own rows (the
   authors' behaviour), then plain ``torch.optim.SGD``.
 
@@ -26,7 +26,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _stack import max_abs_diff, precondition_reference, run_workers
+from _stack import max_abs_diff, run_workers
+from reference import tract_grad
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -224,7 +225,7 @@ def simulated(
             for layer, lam, index in ((model.conv, LAMS[0], 0), (model.lin, LAMS[1], 1)):
                 rows = torch.cat([rows_of(layer, b[index]) for b in visible], dim=1)
                 grad = layer.weight.grad
-                layer.weight.grad = precondition_reference(rows, grad, lam).float()
+                layer.weight.grad = tract_grad(rows, grad, lam).float()
             sgd.step()
     return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
 

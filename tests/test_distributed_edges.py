@@ -3,7 +3,7 @@
 The "gradient without statistics" check runs on the *global* statistics, after the all-reduce:
 a rank that saw no rows still holds the averaged gradient, and must precondition it with the
 other ranks' statistics rather than raise. Two gloo processes on 127.0.0.1; the reference is
-float64 TrAct (``_stack.precondition_reference``) of rank 0's rows and the DDP-averaged gradient.
+float64 TrAct (``reference.tract_grad``) of rank 0's rows and the DDP-averaged gradient.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import precondition_reference, run_workers
+from _stack import run_workers
+from reference import tract_grad
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -72,7 +73,7 @@ def test_empty_or_first_layer_free_rank_uses_the_global_statistics() -> None:
     grad = model.conv.weight.grad.double() / 2  # DDP averages over the 2 ranks
     cols = F.unfold(x.double(), 3, padding=1)
     rows = cols.transpose(1, 2).reshape(1, -1, cols.shape[1])
-    expected = model.conv.weight.detach().double() - precondition_reference(rows, grad, LAM)
+    expected = model.conv.weight.detach().double() - tract_grad(rows, grad, LAM)
     scale = float((expected - model.conv.weight.detach().double()).abs().max())
     for case in ("empty", "unused"):
         for rank, result in enumerate(results):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import precondition_reference
+from reference import tract_grad
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -99,8 +99,8 @@ def _reference_update(model: TwoStem, image: Tensor, tokens: Tensor) -> dict[str
     lin_rows = tokens.double().reshape(1, -1, 6)
     assert twin.conv.weight.grad is not None and twin.lin.weight.grad is not None
     return {
-        "conv": precondition_reference(conv_rows, twin.conv.weight.grad.double(), LAM),
-        "lin": precondition_reference(lin_rows, twin.lin.weight.grad.double(), LAM),
+        "conv": tract_grad(conv_rows, twin.conv.weight.grad.double(), LAM),
+        "lin": tract_grad(lin_rows, twin.lin.weight.grad.double(), LAM),
     }
 
 

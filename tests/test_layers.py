@@ -1,6 +1,6 @@
 """First layers that are not plain nn layers: supported exactly, refused by name, or opted in.
 
-References: TrAct's update G·(XᵀX/r + λI)⁻¹ in float64 (``_stack.precondition_reference``) on
+References: TrAct's update G·(XᵀX/r + λI)⁻¹ in float64 (``reference.tract_grad``) on
 rows of the input *as the layer really convolves it*, built independently: the one-hot unfold
 (``reference_rows``) of a plain ``nn.Conv2d`` applied to the input padded by timm's own formula
 (``timm_like.pad_same``). G is the autograd gradient of the layer's weight.
@@ -16,10 +16,10 @@ import timm_like
 import torch
 import torch.ao.nn.qat as qat
 import torch.nn.functional as F
-from _stack import precondition_reference
 from _update_check import assert_tract_update, tract_gradient
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from reference import tract_grad
 from torch import Tensor, nn
 from torch.ao.quantization import get_default_qat_qconfig
 from torch.nn.utils import parametrizations
@@ -94,7 +94,7 @@ def test_conv2d_same_update_differs_from_a_valid_convolution(
     raw, tract = tract_gradient([stem], stem, x, 0.1)
     padded = reference_rows(plain_copy(stem), timm_like.pad_same(x, (3, 3), (2, 2), (1, 1)))
     assert_tract_update(tract[0], raw[0], padded, 0.1)
-    valid = precondition_reference(reference_rows(plain_copy(stem), x), raw[0], 0.1)
+    valid = tract_grad(reference_rows(plain_copy(stem), x), raw[0], 0.1)
     assert (tract[0].double() - valid).norm() > 1e-2 * valid.norm()
 
 

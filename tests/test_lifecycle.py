@@ -2,7 +2,7 @@
 
 Each test trains with ``SGD(lr=1)`` (no momentum), so the first layer's weight moves by exactly
 minus the gradient the inner optimizer saw, and compares that move with TrAct written out in
-float64 (``_stack.precondition_reference``) over exactly the passes whose backward produced the
+float64 (``reference.tract_grad``) over exactly the passes whose backward produced the
 gradient. Raw gradients come from a twin model without TrAct, and rows from ``F.unfold`` /
 ``reshape`` (not the library's unfold). Where ``torch.compile`` applies, eager and compiled runs
 are both checked against the same reference.
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import precondition_reference
+from reference import tract_grad
 from torch import Tensor, nn
 from torch._dynamo.backends.registry import lookup_backend
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -128,7 +128,7 @@ def test_scaler_skip_then_model_zero_grad(compiled: bool, set_to_none: bool) -> 
     before = model[0].weight.detach().clone()
     expected_raw = raw_grad(model, lambda m: loss(m(x2)), "0")
     iteration(x2, 1.0)
-    expected = precondition_reference(rows_of(model[0], [x2]), expected_raw, LAM)
+    expected = tract_grad(rows_of(model[0], [x2]), expected_raw, LAM)
     assert_update(before, model[0].weight, expected)
 
 
@@ -158,9 +158,7 @@ def test_clipping_after_precondition_is_not_a_new_gradient() -> None:
     opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
     x = batch((2, 3, 4, 4), 1)
     before = model[0].weight.detach().clone()
-    expected = precondition_reference(
-        rows_of(model[0], [x]), raw_grad(model, lambda m: loss(m(x)), "0"), LAM
-    )
+    expected = tract_grad(rows_of(model[0], [x]), raw_grad(model, lambda m: loss(m(x)), "0"), LAM)
     loss(model(x)).backward()
     opt.precondition_()
     assert model[0].weight.grad is not None
@@ -186,7 +184,7 @@ def test_reused_input_buffer_is_never_aliased(compiled: bool) -> None:
         buffer.copy_(x)
         loss(run(buffer)).backward()
     opt.step()
-    expected = precondition_reference(rows_of(model[0], xs), expected_raw, LAM)
+    expected = tract_grad(rows_of(model[0], xs), expected_raw, LAM)
     assert_update(before, model[0].weight, expected)
 
 
@@ -212,7 +210,7 @@ def test_passes_from_several_threads_all_count() -> None:
     for t in threads:
         t.join()
     opt.step()
-    expected = precondition_reference(rows_of(model[0], xs), expected_raw, LAM)
+    expected = tract_grad(rows_of(model[0], xs), expected_raw, LAM)
     assert_update(before, model[0].weight, expected)
 
 
@@ -235,7 +233,7 @@ def test_autograd_grad_accumulation_then_grad_by_hand(compiled: bool) -> None:
     for p, t in zip(params, total, strict=True):
         p.grad = t
     opt.step()
-    expected = precondition_reference(rows_of(model[0], xs), expected_raw, LAM)
+    expected = tract_grad(rows_of(model[0], xs), expected_raw, LAM)
     assert_update(before, model[0].weight, expected)
 
 
@@ -270,7 +268,7 @@ def test_no_n_squared_memory_at_construction_or_when_rows_are_few() -> None:
         loss(layer(x)).backward()
         opt.step()
     assert mode.largest <= 10 * n  # rows (8 × n) and the gradient (10 × n); no n × n
-    expected = precondition_reference(rows_of(layer, [x]), expected_raw, LAM)
+    expected = tract_grad(rows_of(layer, [x]), expected_raw, LAM)
     assert_update(before, layer.weight, expected)
 
 
@@ -303,7 +301,7 @@ def test_passes_without_backward_hold_no_statistics_once_outputs_are_freed() -> 
     expected_raw = raw_grad(model, lambda m: loss(m(x2)), "0")
     loss(model(x2)).backward()
     opt.step()
-    expected = precondition_reference(rows_of(model[0], [x2]), expected_raw, LAM)
+    expected = tract_grad(rows_of(model[0], [x2]), expected_raw, LAM)
     assert_update(before, model[0].weight, expected)
 
 
@@ -325,9 +323,7 @@ def test_keyword_input_call(compiled: bool) -> None:
     expected_raw = raw_grad(layer, lambda m: loss(m(x)), "")
     loss(run(x)).backward()
     opt.step()
-    assert_update(
-        before, layer.weight, precondition_reference(rows_of(layer, [x]), expected_raw, LAM)
-    )
+    assert_update(before, layer.weight, tract_grad(rows_of(layer, [x]), expected_raw, LAM))
 
 
 # --- 11: two optimizers on one layer ------------------------------------------------------------
@@ -346,7 +342,7 @@ def test_second_optimizer_takes_over_and_the_first_refuses_to_step() -> None:
         old.step()
     assert torch.equal(model[0].weight, before)
     new.step()
-    expected = precondition_reference(rows_of(model[0], [x]), expected_raw, LAM)
+    expected = tract_grad(rows_of(model[0], [x]), expected_raw, LAM)
     assert_update(before, model[0].weight, expected)  # G·M⁻¹, not G·M⁻²
 
 
@@ -416,5 +412,5 @@ def test_inplace_op_on_output(kind: str, compiled: bool) -> None:
     expected_raw = raw_grad(model, lambda m: loss(m(x)), first)
     loss(run(x)).backward()
     opt.step()
-    expected = precondition_reference(rows_of(layer, [x]), expected_raw, LAM)
+    expected = tract_grad(rows_of(layer, [x]), expected_raw, LAM)
     assert_update(before, layer.weight, expected)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from _stack import precondition_reference
+from reference import tract_grad
 from torch import Tensor, nn
 
 from tract_optim import TrActOptimizer
@@ -92,7 +92,7 @@ def reference_update(x: Tensor, raw: Tensor, lam: float, times: int = 1) -> Tens
     """−(G · (XᵀX/r + λI)⁻¹ applied ``times`` times), in float64."""
     rows = x.double().reshape(1, -1, x.shape[-1])
     for _ in range(times):
-        raw = precondition_reference(rows, raw, lam)
+        raw = tract_grad(rows, raw, lam)
     return -raw
 
 

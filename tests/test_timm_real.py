@@ -14,7 +14,7 @@ import pytest
 import timm_like
 import torch
 import torch.nn.functional as F
-from _stack import precondition_reference
+from reference import tract_grad
 from torch import nn
 
 from tract_optim import TrActOptimizer, find_first_layer
@@ -64,7 +64,7 @@ def test_tf_efficientnet_stem_is_preconditioned_exactly() -> None:
     padded = timm_like.pad_same(x.double(), stem.kernel_size, stem.stride, stem.dilation)
     cols = F.unfold(padded, stem.kernel_size, stem.dilation, 0, stem.stride)
     rows = cols.transpose(1, 2).reshape(1, -1, cols.shape[1])
-    expected = precondition_reference(rows, raw.double(), LAM)
+    expected = tract_grad(rows, raw.double(), LAM)
     assert stem.weight.grad is not None
     got = stem.weight.grad.double()
     assert float((got - expected).abs().max()) < 1e-4 * float(expected.abs().max())

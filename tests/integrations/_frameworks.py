@@ -10,7 +10,7 @@
   received, and a post-hook on the last one the weight change.
 
 ``check_step`` then computes in float64 what the inner optimizer must have received: the raw first
-layer gradient times (XᵀX/r + λI)⁻¹ (``_stack.precondition_reference``, ``torch.linalg.solve``),
+layer gradient times (XᵀX/r + λI)⁻¹ (``reference.tract_grad``, ``torch.linalg.solve``),
 the other gradients unchanged, the whole set clipped to ``max_norm`` if asked. It also checks that
 the comparison can fail: TrAct switched off, applied twice, or applied after clipping would each be
 at least ``SEPARATION`` away.
@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import precondition_reference
+from reference import tract_grad
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -189,7 +189,7 @@ def expected(
         grads = _clipped(grads, max_norm)
     rows = reference_rows(conv, step.inputs)
     for _ in range(times):
-        grads[first] = precondition_reference(rows, grads[first], lam)
+        grads[first] = tract_grad(rows, grads[first], lam)
     return grads if clip_first else _clipped(grads, max_norm)
 
 
