@@ -8,11 +8,12 @@ rows ``i`` and ``i + d`` is ``Σ_p Z[s·p + i] Z[s·p + i + d]ᵀ``: a sum, over
 per-row products that depend only on the row and the lag ``d``. One batched product computes
 every row's products with its next ``k_h`` rows (all lags at once: ``Z`` is stored row-major, so
 rows ``h … h + k_h − 1`` are one strided view), and each block is a strided sum of them. Each Gram
-entry is still a plain sum of the same fp32 products (only the order of summation changes), so
-the result is exact up to fp32 rounding. Work: about k_h·(C·k_w)² multiply-adds per padded row
-and output column instead of (C·k_h·k_w)² per output position (a 7×7/2 stem: 2 rows of 7·21²
-instead of 147², 3.5× less), and the only copy is the width-unfolded input (k_w/s_w times the
-input, not k_h·k_w/(s_h·s_w)).
+entry is still a plain sum of the same products (only the order of summation changes), so the
+result is exact up to the rounding of its dtype. Work: about k_h·(C·k_w)² multiply-adds per
+padded row and output column instead of (C·k_h·k_w)² per output position (a 7×7/2 stem: 2 rows
+of 7·21² instead of 147², 3.5× less). Copies: the input split into its column stride phases,
+padding included (once), and the width-unfolded rows (k_w/s_w times the input, a band of rows at
+a time), never the k_h·k_w/(s_h·s_w) times larger unfolded input.
 """
 
 from __future__ import annotations
