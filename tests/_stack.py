@@ -1,4 +1,5 @@
-"""Helpers for the training-stack tests: a multi-process runner and a state-dict comparison.
+"""Helpers for the training-stack tests: a multi-process runner, a state-dict comparison and a
+``torch.compile`` backend that counts compilations.
 
 ``run_workers`` starts N processes joined by a gloo process group on 127.0.0.1 and returns what
 each rank's function returned. It never hangs: a rank that fails stops the others at once, and the
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
+from torch._dynamo.backends.registry import lookup_backend
 
 Worker = Callable[[int, int], Any]
 
@@ -99,3 +101,15 @@ def max_abs_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     """Largest absolute difference between two state dicts with the same keys."""
     assert a.keys() == b.keys(), (sorted(a), sorted(b))
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+class CountingBackend:
+    """A ``torch.compile`` backend that counts compilations and delegates to ``aot_eager``."""
+
+    def __init__(self) -> None:
+        self.compilations = 0
+        self._inner = lookup_backend("aot_eager")
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
+        self.compilations += 1
+        return self._inner(gm, example_inputs)

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import max_abs_diff
+from _stack import CountingBackend, max_abs_diff
 from torch import Tensor, nn
-from torch._dynamo.backends.registry import lookup_backend
 
 from tract_optim import TrActOptimizer
 
@@ -50,18 +48,6 @@ class Net(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(torch.relu(self.first(x)).flatten(1))  # type: ignore[no-any-return]
-
-
-class CountingBackend:
-    """A ``torch.compile`` backend that counts compilations and delegates to ``aot_eager``."""
-
-    def __init__(self) -> None:
-        self.compilations = 0
-        self._inner = lookup_backend("aot_eager")
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Any:
-        self.compilations += 1
-        return self._inner(gm, example_inputs)
 
 
 def make(kind: str) -> nn.Module:

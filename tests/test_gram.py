@@ -5,16 +5,14 @@ and ``unfold.gram`` inside ``torch.compile``: one graph for every batch size, eq
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _stack import CountingBackend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import assert_fp32_gram, unfold_rows
-from torch import Tensor, nn
-from torch._dynamo.backends.registry import lookup_backend
+from torch import nn
 
 from tract_optim import gram, unfold
 
@@ -93,18 +91,6 @@ def test_upper_strips_then_mirror_give_the_full_gram(
     assert_fp32_gram(gram.mirror_upper(out), rows)
     gram.add_upper_(out, rows)
     assert_fp32_gram(gram.mirror_upper(out), torch.cat([rows, rows], dim=1))
-
-
-class CountingBackend:
-    """A ``torch.compile`` backend that counts compilations and delegates to ``aot_eager``."""
-
-    def __init__(self) -> None:
-        self.compilations = 0
-        self._inner = lookup_backend("aot_eager")
-
-    def __call__(self, graph: torch.fx.GraphModule, inputs: list[Tensor]) -> Any:
-        self.compilations += 1
-        return self._inner(graph, inputs)
 
 
 @pytest.mark.parametrize(
