@@ -246,14 +246,23 @@ def test_sgd_step_moves_weight_by_tract_gradient_only(solve_dtype: torch.dtype |
         torch.testing.assert_close(after[name], before[name] - lr * grads[name])
 
 
-def test_overflowing_input_raises_before_touching_gradients() -> None:
-    """Inputs whose Gram overflows fp32 raise FloatingPointError and leave .grad as it was."""
+@pytest.mark.parametrize(
+    ("stats_dtype", "message"),
+    [
+        (torch.float32, "inf or NaN"),  # the fp32 Gram overflows
+        (None, "not numerically positive definite even in float64"),  # the fp64 one is rank 1
+    ],
+)
+def test_overflowing_input_raises_before_touching_gradients(
+    stats_dtype: torch.dtype | None, message: str
+) -> None:
+    """Inputs of scale 1e20 raise FloatingPointError and leave .grad as it was."""
     layer = nn.Linear(4, 2)
-    opt = TrActOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1), layer)
+    opt = TrActOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1), layer, stats_dtype=stats_dtype)
     x = torch.full((8, 4), 1e20)
     (layer(x) * 1e-20).sum().backward()
     grad = layer.weight.grad.clone()
-    with pytest.raises(FloatingPointError, match="inf or NaN"):
+    with pytest.raises(FloatingPointError, match=message):
         opt.precondition_()
     assert torch.equal(layer.weight.grad, grad)
 

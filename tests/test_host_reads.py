@@ -122,10 +122,14 @@ def test_capturable_matches_reference_and_set_lam_reaches_the_solve() -> None:
 
 
 def test_capturable_non_finite_statistics_give_nan_gradient_that_grad_scaler_skips() -> None:
-    """precondition_() before scaler.unscale_() (TrAct is linear in G): the scaler sees the NaN."""
+    """precondition_() before scaler.unscale_() (TrAct is linear in G): the scaler sees the NaN.
+    (float32 statistics: the default float64 ones of capturable mode do not overflow here.)"""
     model = TwoStem()
     opt = TrActOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0), [model.conv, model.lin], capturable=True
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        [model.conv, model.lin],
+        capturable=True,
+        stats_dtype=torch.float32,
     )
     scaler = torch.amp.GradScaler("cpu")
     image, tokens = batches()[0]

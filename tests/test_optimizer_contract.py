@@ -433,7 +433,7 @@ def test_load_state_dict_rejects_wrong_structure_and_changes_nothing() -> None:
     multi = TrActOptimizer([_adam(two[0]), _adam(two[-1])], two[0])
     with pytest.raises(ValueError, match="several optimizers"):
         opt.load_state_dict(multi.state_dict())
-    with pytest.raises(ValueError, match="'optimizers' with 2 entries"):
+    with pytest.raises(ValueError, match="must come from 2 optimizers stepped together"):
         multi.load_state_dict(opt.state_dict())
     bad_lams = copy.deepcopy(opt.state_dict())
     bad_lams["tract"]["lam"] = [0.1, 0.2]
@@ -456,9 +456,9 @@ def test_multi_optimizer_load_is_all_or_nothing() -> None:
     for model, opt in ((source, source_opt), (target, target_opt)):
         _train(model, opt, _batches("conv", 1))
     saved = source_opt.state_dict()
-    saved["optimizers"][0]["param_groups"][0]["lr"] = 0.5
+    saved["param_groups"][0]["lr"] = 0.5
     before = _state_snapshot(target_opt)
-    with pytest.raises(ValueError, match=r"\['optimizers'\]\[1\] has param groups of sizes \[2\]"):
+    with pytest.raises(ValueError, match=r"for optimizers\[1\] has param groups of sizes \[2\]"):
         target_opt.load_state_dict(saved)
     assert_same(target_opt.state_dict(), before)
 
@@ -576,7 +576,10 @@ def test_sgd_first_layer_adam_rest() -> None:
     assert "exp_avg" in opt.state[model[-1].weight]
     # Reading a parameter's state went to its own optimizer, so both still save.
     assert model[-1].weight not in opt.optimizers[0].state
-    assert len(opt.state_dict()["optimizers"][0]["state"]) == 2
+    saved = opt.state_dict()
+    assert saved["groups_per_optimizer"] == [1, 1]
+    assert sorted(saved["state"]) == [0, 1, 2, 3]  # numbered across the optimizers, in order
+    assert [g["params"] for g in saved["param_groups"]] == [[0, 1], [2, 3]]
 
 
 class _TwoInputs(nn.Module):

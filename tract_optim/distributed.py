@@ -26,15 +26,18 @@ def default_group_active(group: dist.ProcessGroup | None) -> bool:
 def all_reduce_stats(
     stats: list[Stats | None],
     geometries: list[Geometry],
+    dtypes: list[torch.dtype],
     device: torch.device,
     group: dist.ProcessGroup | None,
 ) -> list[Stats]:
     """Sum every layer's Gram and row count over ``group`` in one collective, without host reads.
 
     Everything travels in one float64 buffer (exact row counts, accurate sums). Rows kept for
-    the Woodbury solve are turned into Grams first. The summed counts stay on the device (0-d
-    tensors), so a rank that saw no rows still gets the global statistics, and every rank makes
-    the same decisions afterwards (including raising the same error).
+    the Woodbury solve are turned into Grams first. The sums come back as Grams of dtype
+    ``dtypes[k]`` (the layer's statistics dtype, which every rank chose alike), and their counts
+    stay on the device (0-d tensors), so a rank that saw no rows still gets the global
+    statistics, and every rank makes the same decisions afterwards (including raising the same
+    error).
     """
     pieces: list[Tensor] = []
     for s, geo in zip(stats, geometries, strict=True):
@@ -49,9 +52,8 @@ def all_reduce_stats(
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     out: list[Stats] = []
     offset = 0
-    for s, geo in zip(stats, geometries, strict=True):
+    for geo, dtype in zip(geometries, dtypes, strict=True):
         size = geo.groups * geo.n * geo.n
-        dtype = s.dtype if s is not None else torch.float32
         gram = buffer[offset : offset + size].reshape(geo.groups, geo.n, geo.n).to(dtype)
         out.append(Stats(count=buffer[offset + size], gram=gram))
         offset += size + 1

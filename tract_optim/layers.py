@@ -21,7 +21,7 @@ materialised (``nn.LazyLinear`` / ``nn.LazyConv*d`` before their first forward) 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
@@ -144,3 +144,30 @@ def _refusal(where: str, layer: nn.Module, owner: type, method: str, base: type)
         "forward computes what its nn base class computes, or you accept preconditioning the "
         f"raw weight's gradient as if it did), pass trusted_layers=[{name}] to TrActOptimizer."
     )
+
+
+def as_layers(first_layer: object, trusted: tuple[type[nn.Module], ...] = ()) -> list[nn.Module]:
+    """``first_layer`` (a layer or a sequence of layers) as a checked list: each one supported
+    (``check``), none twice. Raises ``TypeError``/``ValueError`` naming ``first_layer[i]``."""
+    if isinstance(first_layer, nn.Module):
+        layers = [first_layer]
+    elif isinstance(first_layer, Sequence) and not isinstance(first_layer, (str, bytes)):
+        layers = list(first_layer)
+    else:
+        raise TypeError(
+            "first_layer must be an nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d module, or a "
+            f"list of them (e.g. model.conv1, or find_first_layers(model, x)); got {first_layer!r}"
+        )
+    if not layers:
+        raise ValueError("first_layer: give a layer or a non-empty sequence of layers")
+    names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LAYERS)
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, SUPPORTED_LAYERS):
+            raise TypeError(
+                f"first_layer[{i}] is a {type(layer).__name__}; TrAct supports {names}. "
+                "Pass the module that first multiplies the raw input (e.g. model.conv1)."
+            )
+        check(layer, f"first_layer[{i}]", trusted)
+        if any(layer is other for other in layers[:i]):
+            raise ValueError(f"first_layer[{i}] appears twice; give each layer once")
+    return layers

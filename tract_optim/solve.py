@@ -1,49 +1,32 @@
-"""The damped solve G ← G·(xᵀx/r + λI)⁻¹, by Cholesky, directly or in Woodbury form.
+"""The damped solve G ← G·(xᵀx/r + λI)⁻¹, by Cholesky, directly or in Woodbury form: pure maths.
 
 Both forms take one batch entry per group and never form an inverse.
 
-Precision. The direct form factors A/r + λI from the Gram A, which the hooks accumulate in fp32;
-its accuracy is limited by that Gram, about 2⁻²⁴·cond(M) relative. The Woodbury form (r < n, the
-rows themselves kept) computes G/λ − (…)·X/(λr), two terms that nearly cancel because a first
-layer's gradient lies in the row space of X: in fp32 it loses up to cond(M) = λ_max(M)/λ ulps
-(3e-4 relative at λ = 0.05 on standardised ViT inputs). The rows hold the layer's inputs exactly,
-and r < n keeps the r×r side cheap, so by default (``resolve_dtype``) it runs in float64.
+Precision. The direct form factors A/r + λI from the Gram A; its accuracy is limited by the
+precision of that Gram, about u·cond(M) relative (u the statistics' unit roundoff). The Woodbury
+form (r < n, the rows themselves kept) computes G/λ − (…)·X/(λr), two terms that nearly cancel
+because a first layer's gradient lies in the row space of X: in fp32 it loses up to cond(M) ulps.
+The rows hold the layer's inputs exactly, and r < n keeps the r×r side cheap, so by default
+(``resolve_dtype``) it runs in float64.
 
-Host reads. ``factor`` reads nothing: whether the statistics were finite, whether the
-factorisation succeeded and whether the update may be inaccurate come back as bits of a device
-tensor (``Factor.status``), so that a caller can check every layer of a step with one read, or
-none (capturable mode). ``factor_checked`` is the single-layer form that reads, retries and
-raises: a factorisation that fails below float64 is redone with the matrix rebuilt in float64
-from the statistics (not from the rounded matrix), so the retry succeeds wherever a float64 solve
-would. ``report`` turns status bits into the exception or ``PrecisionWarning`` for the user.
+Host reads: none. Whether the statistics were finite and the factorisation succeeded come back
+as ``diagnostics.Status`` bits of a device tensor, and the condition estimate as a device scalar,
+so that a caller can check every layer of a step with one read, or none (capturable mode).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .diagnostics import Status
 from .statistics import Stats
 
-#: λ must lie in this range: λ and 1/λ then stay normal float32 numbers with room to spare.
-LAM_RANGE = (1e-30, 1e30)
-#: A ``PrecisionWarning`` is raised when the predicted relative error of the update exceeds this.
-WARN_ERROR = 1e-3
 #: Power/inverse iterations of the condition estimate (each O(n²) per group, after an O(n³) factor).
 _ITERATIONS = 4
-
-#: ``Factor.status`` bits (bit 1 is the caller's: a gradient without statistics).
-NON_FINITE = 2
-NOT_POSITIVE_DEFINITE = 4
-IMPRECISE = 8
-
-
-class PrecisionWarning(RuntimeWarning):
-    """The TrAct update of a layer is predicted to be less accurate than ``WARN_ERROR``."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +35,9 @@ class Factor:
 
     ``direct``: ``chol`` factors A/r + λI (groups, n, n). Woodbury: ``chol`` factors
     XXᵀ/r + λI (groups, r, r) and ``rows`` holds X (groups, r, n) in the same dtype.
-    ``status``: a 0-d int device tensor of the bits above; ``cond``: the estimate of cond(M)
-    (float64, device) behind ``IMPRECISE``; ``known``: the dtype to which the statistics fix M.
+    ``status``: a 0-d int device tensor of ``Status`` bits (``NON_FINITE``,
+    ``NOT_POSITIVE_DEFINITE``); ``cond``: the estimate of cond(M) (float64, device); ``known``:
+    the dtype to which the statistics fix M (the Gram's; float64 for exact rows).
     """
 
     chol: Tensor
@@ -69,64 +53,42 @@ class Factor:
         return self.chol.dtype
 
 
-def check_lam(lam: object, name: str) -> float:
-    """``lam`` as a float, or a ``TypeError``/``ValueError`` naming ``name`` and the valid range."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise TypeError(f"{name} must be a positive float, got {type(lam).__name__}")
-    if not math.isfinite(lam) or lam <= 0:
-        raise ValueError(f"{name} must be a positive finite float, got {lam}")
-    low, high = LAM_RANGE
-    if not low <= lam <= high:
-        raise ValueError(
-            f"{name} = {lam:g} is outside [{low:g}, {high:g}], where λ and 1/λ stay representable "
-            "in TrAct's float32 statistics and solve; λ is relative to the inputs' second moments "
-            "(the paper uses 0.05–0.2 for standardised inputs)"
-        )
-    return float(lam)
-
-
 def resolve_dtype(
-    requested: torch.dtype | None, grad_dtype: torch.dtype, woodbury: bool
+    requested: torch.dtype | None, stats_dtype: torch.dtype, woodbury: bool
 ) -> torch.dtype:
     """The solve's dtype: ``requested`` if given; otherwise float64 for the Woodbury form (exact
-    rows, cheap since r < n, and fp32 would lose digits to cancellation) and for a float64
-    gradient, float32 for the direct form of any other gradient."""
+    rows, cheap since r < n, and fp32 would lose digits to cancellation) and for float64
+    statistics, float32 for the direct form of float32 statistics."""
     if requested is not None:
         return requested
-    if woodbury or grad_dtype == torch.float64:
+    if woodbury or stats_dtype == torch.float64:
         return torch.float64
     return torch.float32
 
 
-def factor(
-    stats: Stats, lam: float | Tensor, dtype: torch.dtype, known: torch.dtype | None = None
-) -> Factor:
+def factor(stats: Stats, lam: float | Tensor, dtype: torch.dtype) -> Factor:
     """Factor the damped matrix of ``stats`` in ``dtype`` (Woodbury form when rows are kept),
-    without host reads. ``known``: the precision of the inputs the statistics came from, when
-    coarser than theirs (rows rounded from float64 inputs); for ``IMPRECISE`` only."""
+    without host reads."""
     count = stats.count
     divisor = count if isinstance(count, int) else count.clamp(min=1).to(dtype)
     if stats.rows is not None:
         x = stats.rows.to(dtype)
         matrix = _damp_((x @ x.mT).div_(divisor), lam)
-        # The rows are the layer's inputs themselves: exact unless rounded from wider inputs.
-        exact = torch.float64 if known is None else known
+        # The rows are the layer's inputs themselves: exact.
+        known = torch.float64
     else:
         assert stats.gram is not None
         x = None
         # Built from the Gram in the solve dtype (never from a rounded lower-precision matrix);
         # a Gram is a rounded sum: it knows the matrix only to its own dtype's precision.
         matrix = _damp_(stats.gram.to(dtype, copy=True).div_(divisor), lam)
-        exact = stats.gram.dtype
+        known = stats.accuracy
     chol, info = torch.linalg.cholesky_ex(matrix)
     cond = condition_estimate(chol, lam, woodbury=x is not None)
-    eps = max(torch.finfo(dtype).eps, torch.finfo(exact).eps) / 2
-    status = (
-        torch.where(_finite(matrix), 0, NON_FINITE)
-        + torch.where((info > 0).any(), NOT_POSITIVE_DEFINITE, 0)
-        + torch.where(eps * cond > WARN_ERROR, IMPRECISE, 0)
+    status = torch.where(_finite(matrix), 0, int(Status.NON_FINITE)) + torch.where(
+        (info > 0).any(), int(Status.NOT_POSITIVE_DEFINITE), 0
     )
-    return Factor(chol=chol, lam=lam, count=count, status=status, cond=cond, known=exact, rows=x)
+    return Factor(chol=chol, lam=lam, count=count, status=status, cond=cond, known=known, rows=x)
 
 
 def _finite(matrix: Tensor) -> Tensor:
@@ -186,78 +148,6 @@ def _square_norm(v: Tensor) -> Tensor:
     """‖v‖² per batch entry in float64 (a float32 square could overflow)."""
     norm: Tensor = torch.linalg.vector_norm(v, dim=(-2, -1), dtype=torch.float64)
     return norm.square()
-
-
-def factor_checked(
-    stats: Stats, lam: float, dtype: torch.dtype, what: str, known: torch.dtype | None = None
-) -> Factor:
-    """``factor`` with its status read: retried in float64 from the statistics if the
-    factorisation fails below float64, then ``report``ed (raises or warns)."""
-    result = factor(stats, lam, dtype, known)
-    code = int(result.status)
-    if code & NOT_POSITIVE_DEFINITE and not code & NON_FINITE and dtype != torch.float64:
-        result = factor(stats, lam, torch.float64, known)
-        code = int(result.status)
-    report(code, result, what, lam)
-    return result
-
-
-def report(code: int, result: Factor, what: str, lam: float) -> None:
-    """Raise ``FloatingPointError`` for unusable statistics, or warn ``PrecisionWarning``."""
-    if code & NON_FINITE:
-        raise FloatingPointError(
-            f"{what}: the input statistics contain inf or NaN (the layer's inputs overflowed); "
-            "check the data pipeline or standardise the inputs"
-        )
-    if code & NOT_POSITIVE_DEFINITE:
-        raise FloatingPointError(
-            f"{what}: the damped input matrix xᵀx/r + λI (lam = {lam:g}) is not numerically "
-            "positive definite even in float64; increase lam or standardise the inputs"
-        )
-    if code & IMPRECISE:
-        _warn(float(result.cond), lam, what, result.dtype, result.known)
-
-
-def _warn(cond: float, lam: float, what: str, dtype: torch.dtype, known: torch.dtype) -> None:
-    """Warn that unit roundoff × cond(M) exceeds ``WARN_ERROR``; the roundoff is the coarser of
-    the solve's dtype and the precision ``known`` to which the statistics fix the matrix."""
-    solve_eps = torch.finfo(dtype).eps / 2
-    error = max(solve_eps, torch.finfo(known).eps / 2) * cond
-    remedy = "increase lam"
-    if solve_eps > torch.finfo(known).eps / 2:
-        remedy += " or pass solve_dtype=torch.float64"
-    warnings.warn(
-        f"{what}: with lam = {lam:g} the damped input matrix xᵀx/r + λI has condition number "
-        f"~{_round(cond)}, so the TrAct update may be off by up to ~{_round(error)} (relative) "
-        f"in {str(dtype).removeprefix('torch.')}; {remedy}",
-        PrecisionWarning,
-        stacklevel=4,
-    )
-
-
-def _round(value: float) -> str:
-    """A positive number to its power of ten, so repeated warnings repeat the same text."""
-    if not math.isfinite(value):
-        return "inf"
-    return f"1e{math.floor(math.log10(value)):+03d}"
-
-
-def factor_direct(gram: Tensor, count: int, lam: float, dtype: torch.dtype, what: str) -> Factor:
-    """``factor_checked`` for Grams ``gram`` (groups, n, n) accumulated over ``count`` rows."""
-    return factor_checked(Stats(count=count, gram=gram), lam, dtype, what)
-
-
-def factor_woodbury(
-    rows: Tensor, lam: float, dtype: torch.dtype, what: str, inputs: torch.dtype | None = None
-) -> Factor:
-    """``factor_checked`` on the r×r side for rows ``rows`` (groups, r, n); cheaper when r < n.
-
-    ``inputs``: the dtype of the layer inputs the rows were taken from, if wider than the rows'
-    (float64 inputs kept as fp32 rows are rounded, which limits the accuracy; for the warning).
-    """
-    rounded = inputs is not None and torch.finfo(inputs).eps < torch.finfo(rows.dtype).eps
-    stats = Stats(count=rows.shape[1], rows=rows)
-    return factor_checked(stats, lam, dtype, what, rows.dtype if rounded else None)
 
 
 def apply(factor: Factor, grad: Tensor, group: int) -> Tensor:

@@ -1,0 +1,218 @@
+"""Which forward passes went into a first layer's gradient: the gradient ledger.
+
+A pass's statistics are committed when, and as often as, that pass's gradient is computed for
+the layer's weight, which is what accumulates it into ``weight.grad`` (or what
+``torch.autograd.grad`` returns for the weight):
+
+1. When backward reaches a recorded pass (``graph``), the pass is *pending* in that backward's
+   graph task. A backward that never computes the weight's gradient (an FGSM step's
+   ``autograd.grad(loss, x)``, ``backward(inputs=[x])``) or that fails before it, commits
+   nothing: its pending passes are dropped when the task ends.
+2. When the weight's gradient is computed in that task (a tensor hook on the weight, before it is
+   accumulated), the pending passes are committed, each at most once per gradient however many
+   backward calls reach it (``retain_graph``), and an eager pass's statistics are released.
+3. Statistics belong to one gradient (an *epoch*). A new epoch starts at ``reset()``
+   (``zero_grad`` of a TrActOptimizer), when a commit finds the gradient cleared since the last
+   backward (``model.zero_grad()``, an optimizer's ``zero_grad`` in attach mode: set to None, or
+   changed in place and now all zeros), and when a backward adds to a gradient that a step has
+   already used.
+4. "Already preconditioned" belongs to the epoch, not to a gradient tensor: ``precondition_()``
+   marks it, and the optimizers that step on it are noted, so that one step of several
+   optimizers preconditions once, and a backward that adds to a preconditioned gradient before
+   its step is reported (``mixed``).
+
+No device reads, except when a gradient changed in place between two backward passes of one
+epoch (whether it was zeroed).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.autograd import Variable
+
+from .statistics import Accumulator, StaticAccumulator, Stats
+
+#: Who asks for preconditioning: an optimizer stepping (its ``id``) or an explicit call.
+EXPLICIT = 0
+
+
+@dataclass
+class Pass:
+    """One recorded forward pass: its id, its statistics (None once released) and the weight it
+    multiplied (None when not known at record time, inside a compiled graph)."""
+
+    id: int
+    stats: Stats | None
+    weight: weakref.ref[Tensor] | None = None
+
+
+@dataclass
+class _Task:
+    """The passes one backward (graph task) reached, not yet committed."""
+
+    passes: list[Pass] = field(default_factory=list)
+    committed: bool = False
+
+
+class GradientLedger:
+    """The statistics of the passes in one weight's current gradient, and where that gradient
+    stands in its step. Thread-safe: backward passes may run in several threads."""
+
+    def __init__(
+        self, accumulator: Accumulator | StaticAccumulator, step_grad: Callable[[], Tensor | None]
+    ) -> None:
+        self.accumulator = accumulator
+        self._step_grad = step_grad
+        self._lock = threading.Lock()
+        # Pending passes by graph task, held strongly only by the task's end-of-backward
+        # callback: a backward that fails never runs its callbacks and the engine drops them,
+        # which frees its pending passes too.
+        self._tasks: weakref.WeakValueDictionary[int, _Task] = weakref.WeakValueDictionary()
+        self._committed: set[int] = set()
+        # (gradient, version) when the statistics were last known to belong to it.
+        self._owner: tuple[weakref.ref[Tensor], int] | None = None
+        self.recorded = False  # a pass was recorded since the last step (for error messages)
+        self.commits = 0  # passes committed this epoch
+        self.preconditioned = False
+        self.steppers: set[int] = set()  # optimizers that stepped on the preconditioned gradient
+        self.mixed = False
+        self.lost = False
+
+    # --- backward -------------------------------------------------------------------------------
+
+    def reached(self, entry: Pass) -> None:
+        """Backward reached a recorded pass: pending in the current graph task."""
+        task_id = torch._C._current_graph_task_id()
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None:
+                task = self._tasks[task_id] = _Task()
+                Variable._execution_engine.queue_callback(
+                    functools.partial(self._finish, task_id, task)
+                )
+            task.passes.append(entry)
+
+    def weight_gradient(self, weight: Tensor) -> None:
+        """The gradient of ``weight`` is being computed in the current graph task: commit the
+        passes of that task that multiplied it (called before it is accumulated)."""
+        task_id = torch._C._current_graph_task_id()
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or not task.passes:
+                return
+            self._check_cleared()
+            keep: list[Pass] = []
+            for entry in task.passes:
+                source = entry.weight() if entry.weight is not None else weight
+                if source is weight:
+                    self._commit(entry)
+                else:
+                    keep.append(entry)
+            task.passes = keep
+            task.committed = True
+
+    def _commit(self, entry: Pass) -> None:
+        if entry.id in self._committed:
+            return
+        if self.preconditioned:
+            if not self.steppers:
+                self.mixed = True
+                return
+            # A backward after a step without zero_grad: a new gradient starts.
+            self._new_epoch()
+        if entry.stats is None:
+            self.lost = True
+            return
+        self.accumulator.add(entry.stats)
+        self._committed.add(entry.id)
+        self.commits += 1
+        entry.stats = None  # released: the accumulator holds it now (eager passes)
+
+    def _finish(self, task_id: int, task: _Task) -> None:
+        """End of a backward: drop what it did not commit; note the gradient it produced."""
+        with self._lock:
+            self._tasks.pop(task_id, None)
+            if task.committed:
+                self._note_owner()
+
+    def _check_cleared(self) -> None:
+        """Start a new epoch if the gradient was cleared since the statistics were last known
+        to belong to it: set to None, or changed in place and now all zeros (a read)."""
+        owner = self._owner
+        if owner is None:
+            return
+        grad = self._step_grad()
+        if grad is not None and grad is owner[0]() and grad._version == owner[1]:
+            return
+        if grad is None or not bool(_local(grad).ne(0).any()):
+            self._new_epoch()
+        else:
+            self._owner = (weakref.ref(grad), grad._version)
+
+    def _note_owner(self) -> None:
+        grad = self._step_grad()
+        self._owner = None if grad is None else (weakref.ref(grad), grad._version)
+
+    # --- the step ------------------------------------------------------------------------------
+
+    def note_recorded(self) -> None:
+        """A training pass was recorded (for error messages)."""
+        self.recorded = True
+
+    def total(self) -> Stats | None:
+        """The committed statistics of the current gradient."""
+        with self._lock:
+            return self.accumulator.total()
+
+    def mark_preconditioned(self) -> None:
+        """The gradient now holds its TrAct gradient; its statistics are released."""
+        with self._lock:
+            self.preconditioned = True
+            self.steppers.clear()
+            self.recorded = False
+            self.accumulator.clear()
+            self._note_owner()
+
+    def mark_stepped(self, requester: int) -> None:
+        """Optimizer ``requester`` stepped on the preconditioned gradient."""
+        with self._lock:
+            if self.preconditioned:
+                self.steppers.add(requester)
+
+    def stale(self, requester: int) -> bool:
+        """Whether a preconditioned gradient was already used by ``requester`` (by any optimizer,
+        for an explicit call), so that preconditioning it again has no statistics to use."""
+        if not self.preconditioned:
+            return False
+        return requester in self.steppers or (requester == EXPLICIT and bool(self.steppers))
+
+    def reset(self) -> None:
+        """Start a new gradient (``zero_grad``): drop statistics, marks and pending passes."""
+        with self._lock:
+            self._new_epoch()
+            self._tasks.clear()
+            self.recorded = False
+
+    def _new_epoch(self) -> None:
+        self.accumulator.clear()
+        self._committed.clear()
+        self._owner = None
+        self.commits = 0
+        self.preconditioned = False
+        self.steppers.clear()
+        self.mixed = False
+        self.lost = False
+
+
+def _local(grad: Tensor) -> Tensor:
+    """The locally held part of a (possibly DTensor) gradient."""
+    from torch.distributed.tensor import DTensor
+
+    return grad.to_local() if isinstance(grad, DTensor) else grad
