@@ -17,7 +17,7 @@ allocated before it.
 ResNet-50 and ViT-S/16 steps with bf16 autocast, eager and ``torch.compile``) under a time
 budget, writing JSON and markdown to DIR after every case. The authors' package (PyPI
 ``torch-tract``) is optional; its column is left out when it is not installed. Run
-``python scripts/bench.py --help`` for the options.
+``python -m scripts.bench --help`` for the options.
 """
 
 from __future__ import annotations
@@ -45,14 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# The sibling script modules, and the package of this checkout rather than whichever tract_optim
-# is installed (an editable install of another checkout would be benchmarked instead).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench_models
-import models
-
 import tract_optim
+from scripts import bench_models, models
 from tract_optim import TrActOptimizer
 
 VARIANTS = ("plain", "tract_optim", "torch-tract")
@@ -370,7 +364,8 @@ def measure_memory_here(case: Case, variant: str, device: torch.device) -> float
 
 def measure_memory(case_id: str, variant: str, args: argparse.Namespace) -> float | None:
     """Run ``measure_memory_here`` in a fresh interpreter; None if the child failed."""
-    cmd = [sys.executable, __file__, "--_memory", case_id, variant, "--device", args.device]
+    cmd = [sys.executable, "-m", "scripts.bench", "--_memory", case_id, variant]
+    cmd += ["--device", args.device]
     cmd += ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     cmd += ["--baseline", str(args.baseline)] if args.baseline else []
     # glibc: a fixed mmap threshold returns every large block to the OS when freed, so RSS

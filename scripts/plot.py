@@ -1,6 +1,6 @@
 """Figures and tables of a results directory.
 
-    python scripts/plot.py RESULTS_DIR
+    python -m scripts.plot RESULTS_DIR
 
 reads RESULTS_DIR/results.json (written by reproduce.py), recomputes its summary and writes, for
 the panels it has: accuracy.png (final test accuracy vs epoch budget with ±1 std error bars, and
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import summary as summ
+from scripts import summary as summ
 
 BASELINE = summ.BASELINE
 Runs = summ.Runs
@@ -290,7 +290,9 @@ def main() -> None:
     args = parser.parse_args()
     path = args.results_dir / "results.json"
     if not path.exists():
-        raise SystemExit(f"no {path}; run reproduce.py (with --resume to finish a killed run)")
+        raise SystemExit(
+            f"no {path}; run python -m scripts.reproduce (with --resume to finish a killed run)"
+        )
     results = json.loads(path.read_text())
     runs = {r["run_id"]: r for r in results["runs"]}
     results["summary"] = summ.summarize(results["panels"], runs)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from train import RunConfig
+from scripts.train import RunConfig
 
 BASELINE = "baseline"
 #: Panel kinds: accuracy vs epoch budget, vs λ (one baseline for the panel), vs input range, and
@@ -130,9 +130,9 @@ class DemoSetting:
 
 
 # Learning rates: per budget, the baseline's best mean validation accuracy over 5 seeds, on a
-# stratified 20 % of the training images held out from training (`reproduce.py --tune-lr`; the
-# test set is not used). TrAct reuses them untuned. ViT / SGD, a setting the paper did not run
-# (its ViT trains with Adam), is not part of the demo.
+# stratified 20 % of the training images held out from training (`python -m scripts.reproduce
+# --tune-lr`; the test set is not used). TrAct reuses them untuned. ViT / SGD, a setting the
+# paper did not run (its ViT trains with Adam), is not part of the demo.
 DEMO_SETTINGS = (
     DemoSetting("CNN / SGD", "digits_cnn", "sgd",
                 ((1, 1.0), (2, 1.0), (4, 1.0), (8, 1.0), (16, 0.3)), (0.1, 0.3, 1.0, 3.0)),

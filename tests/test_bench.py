@@ -1,5 +1,5 @@
-"""Smoke tests of ``scripts/bench.py``: ``--quick`` (CPU) and the GPU suite's logic on CPU at toy
-sizes (``--gpu-suite --tiny``): they run, and their reports are complete and consistent.
+"""Smoke tests of ``python -m scripts.bench``: ``--quick`` (CPU) and the GPU suite's logic on CPU
+at toy sizes (``--gpu-suite --tiny``): they run, and their reports are complete and consistent.
 
 No timing assertions: only the structure of the reports and relations that hold for any timings
 (recomputed here from the raw per-round times the report also records).
@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = str(ROOT / "scripts" / "bench.py")
 Report = tuple[dict[str, Any], str]  # the JSON report and the markdown tables
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, BENCH, *args]
+    """``python -m scripts.bench ARGS`` from the root: this checkout's scripts and tract_optim."""
+    cmd = [sys.executable, "-m", "scripts.bench", *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return done

@@ -1,4 +1,5 @@
-"""scripts/reproduce.py end to end, its statistics, resumption, the data, augmentation, presets."""
+"""``python -m scripts.reproduce`` end to end, its statistics, resumption, data, augmentation,
+presets."""
 
 from __future__ import annotations
 
@@ -19,14 +20,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scripts import data, presets, reproduce, summary, train
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-import data  # noqa: E402
-import presets  # noqa: E402
-import reproduce  # noqa: E402
-import summary  # noqa: E402
-import train  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -46,10 +42,9 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     settings and curves, results.json, summary.md and the four figures; the printed numbers
     are those of the runs."""
     out = tmp_path / "quick"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's tract_optim
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "reproduce.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, check=True, env=env,
+    proc = subprocess.run(  # from the root: this checkout's scripts and tract_optim
+        [sys.executable, "-m", "scripts.reproduce", "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     for name in ("accuracy.png", "loss.png", "lambda.png", "input_range.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
