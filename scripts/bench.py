@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 import tract_optim
-from scripts import bench_models, models
+from scripts import models
 from tract_optim import TrActOptimizer
 
 VARIANTS = ("plain", "tract_optim", "torch-tract")
@@ -400,7 +400,7 @@ def suite_items(tiny: bool) -> list[SuiteItem]:
     whole = [
         Case(
             "ResNet-50",
-            lambda: bench_models.ResNet(depths, width=width),
+            lambda: models.ResNet(depths, width=width),
             "conv1",
             (mb, 3, size, size),
             True,
@@ -408,7 +408,7 @@ def suite_items(tiny: bool) -> list[SuiteItem]:
         ),
         Case(
             "ViT-S/16",
-            lambda: bench_models.ViT(image_size=size, depth=vit_depth),
+            lambda: models.ViT(image_size=size, depth=vit_depth),
             "patch_embed",
             (mb, 3, size, size),
             True,
