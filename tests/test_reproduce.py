@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scripts import data, presets, reproduce, summary, train
+from scripts import data, plot, presets, reproduce, summary, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def _one_thread() -> Any:
 def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     """--quick trains every panel of the demo in worker processes and writes per-run JSON with
     settings and curves, results.json, summary.md and the four figures; the printed numbers
-    are those of the runs."""
+    are those of the runs. ``scripts.plot`` redraws from the summary stored in results.json."""
     out = tmp_path / "quick"
     proc = subprocess.run(  # from the root: this checkout's scripts and tract_optim
         [sys.executable, "-m", "scripts.reproduce", "--quick", "--out", str(out)],
@@ -83,6 +83,15 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     here = train.train_run(cfg, data.load_digits_data(cfg.input_range), CPU)["history"]
     for mine, theirs in zip(here, some["history"], strict=True):
         assert mine == pytest.approx(theirs, rel=1e-5)
+
+    # The plot takes its statistics from results.json's summary, not from the runs: a stored
+    # mean it did not compute is what it shows, and results.json is left as it was.
+    results["summary"][0]["rows"][0]["acc"]["baseline"]["mean"] = 12.345
+    stored = json.dumps(results)
+    (out / "results.json").write_text(stored)
+    plot.main([str(out)])
+    assert "| 12.35 ± " in (out / "summary.md").read_text()
+    assert (out / "results.json").read_text() == stored
 
 
 @settings(max_examples=30, deadline=None)
