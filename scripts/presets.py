@@ -1,4 +1,7 @@
-"""The run grids: the CPU digits demo and the paper's CIFAR experiments (settings: PAPER.md).
+"""The run grids: the CPU digits demo and the paper's CIFAR experiments.
+
+The paper: F. Petersen, C. Borgelt and S. Ermon, "TrAct: Making First-layer Pre-Activations
+Trainable", NeurIPS 2024 (arXiv 2410.23970); figure numbers below are its figures.
 
 A grid is a list of panels; a panel is what one table and one subplot show: members, each a run
 with the series (line or bar) and x value (budget, λ or input range) it is drawn at. The same run

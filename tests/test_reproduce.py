@@ -404,7 +404,7 @@ def test_cifar_reader_matches_the_pickle_layout(tmp_path: Path) -> None:
 
 def test_schedules_match_the_paper() -> None:
     """Cosine: 0.5(1 + cos(π t/T)). Multi-step over 200 epochs: lr 0.1 → 0.02 → 0.004 → 0.0008
-    at epochs 60, 120, 160, after a linear warm-up epoch (PAPER.md, CIFAR-100)."""
+    at epochs 60, 120, 160, after a linear warm-up epoch (the paper's CIFAR-100 schedule)."""
     steps = 10
     cosine = train.Schedule("cosine", 4, steps)
     for t in (0, 7, 20, 40):
