@@ -146,15 +146,15 @@ def time_case(
     runners: dict[str, Runner] = {}
     errors: dict[str, str] = {}
     first_step: dict[str, float] = {}
-    for v in variants:
+    for variant in variants:
         try:
-            runner = make_runner(case, v, base, device, backend)
-            first_step[v.name] = runner.timed_step()
-            runners[v.name] = runner
+            runner = make_runner(case, variant, base, device, backend)
+            first_step[variant.name] = runner.timed_step()
+            runners[variant.name] = runner
         except Exception as error:  # reported, and the other variants go on
-            if v == PLAIN:
+            if variant == PLAIN:
                 raise
-            errors[v.name] = f"{type(error).__name__}: {error}"[:500]
+            errors[variant.name] = f"{type(error).__name__}: {error}"[:500]
             release(device)
     for _ in range(warmup - 1):
         for runner in runners.values():
