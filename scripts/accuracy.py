@@ -153,7 +153,11 @@ def timing(rounds: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.accuracy",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="n = 768 only, one seed")
     p.add_argument("--solve-dtype", choices=DTYPES, default="auto", help="default: auto")
     p.add_argument("--json", type=Path, default=None, help="write every record here")

@@ -284,7 +284,9 @@ def write_all(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.plot", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("results_dir", type=Path)
     args = parser.parse_args(argv)
     path = args.results_dir / "results.json"

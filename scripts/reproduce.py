@@ -37,7 +37,9 @@ DataKey = tuple[str, str, str]  # dataset, input range, evaluation split
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m scripts.reproduce",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("--preset", choices=sorted(presets.PRESETS), help="paper experiment")
     parser.add_argument("--quick", action="store_true", help="every demo panel, tiny (CI)")

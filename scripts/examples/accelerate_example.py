@@ -38,7 +38,9 @@ def train_epoch(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.examples.accelerate_example", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="one short epoch (seconds)")
     parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per step")
     args = parser.parse_args()

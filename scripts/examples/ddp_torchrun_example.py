@@ -25,7 +25,10 @@ from tract_optim import TrActOptimizer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="torchrun --nproc_per_node=N -m scripts.examples.ddp_torchrun_example",
+        description=__doc__.split("\n")[0],
+    )
     parser.add_argument("--quick", action="store_true", help="one short epoch (seconds)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()

@@ -49,7 +49,9 @@ def tract_optimizers(model: Classifier, steps: int, lr: float = 3e-3, lam: float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.examples.hf_trainer_example", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps (seconds)")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -46,7 +46,9 @@ class TrActClassifier(L.LightningModule):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.examples.lightning_example", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="one short epoch (seconds)")
     parser.add_argument("--clip", type=float, default=1.0, help="clip the TrAct gradient norm")
     parser.add_argument("--precision", default="32-true", help='e.g. "bf16-mixed"')
