@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/reproduce.py
+	$(PY) -m scripts.reproduce
 
 quick: $(STAMP)
-	$(PY) scripts/reproduce.py --quick
+	$(PY) -m scripts.reproduce --quick
 
 lint: $(STAMP)
 	$(PY) -m ruff check tract_optim tests scripts
@@ -30,7 +30,7 @@ test: lint
 	TRACT_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) scripts/bench.py
+	$(PY) -m scripts.bench
 
 clean:
 	rm -rf $(VENV)

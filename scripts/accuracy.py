@@ -13,10 +13,10 @@ Paths: ``woodbury`` (r < n: the library keeps the rows and solves on the r×r si
 (fp32 model), ``bf16-autocast`` (fp32 model, forward under CPU bfloat16 autocast) and ``fp64``
 (float64 model and inputs).
 
-    python scripts/accuracy.py                 # the README's table (a few minutes on 2 cores)
-    python scripts/accuracy.py --quick         # n = 768 only, one seed
-    python scripts/accuracy.py --solve-dtype float32 --json out.json
-    python scripts/accuracy.py --timing        # cost of the fp32 vs fp64 Woodbury solve
+    python -m scripts.accuracy                 # the README's table (a few minutes on 2 cores)
+    python -m scripts.accuracy --quick         # n = 768 only, one seed
+    python -m scripts.accuracy --solve-dtype float32 --json out.json
+    python -m scripts.accuracy --timing        # cost of the fp32 vs fp64 Woodbury solve
 """
 
 from __future__ import annotations
@@ -153,7 +153,11 @@ def timing(rounds: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.accuracy",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="n = 768 only, one seed")
     p.add_argument("--solve-dtype", choices=DTYPES, default="auto", help="default: auto")
     p.add_argument("--json", type=Path, default=None, help="write every record here")

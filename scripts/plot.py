@@ -1,13 +1,15 @@
 """Figures and tables of a results directory.
 
-    python scripts/plot.py RESULTS_DIR
+    python -m scripts.plot RESULTS_DIR
 
-reads RESULTS_DIR/results.json (written by reproduce.py), recomputes its summary and writes, for
-the panels it has: accuracy.png (final test accuracy vs epoch budget with ±1 std error bars, and
+reads RESULTS_DIR/results.json (written by ``python -m scripts.reproduce``) and draws the
+statistics of its ``summary`` (means, standard deviations and paired differences, computed once by
+``scripts.summary``; only the per-epoch loss curves come from the runs). It writes, for the panels
+it has: accuracy.png (final test accuracy vs epoch budget with ±1 std error bars, and
 the paired difference to the baseline with its 95 % interval), loss.png (training-loss curves per
 epoch at the longest budget, and final training loss vs budget), lambda.png (accuracy and paired
 difference vs λ), input_range.png (accuracy with standardised, [0, 1] and [0, 255] inputs), and
-summary.md (the tables reproduce.py prints).
+summary.md (the tables ``scripts.reproduce`` prints).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import summary as summ
+from scripts import summary as summ
 
 BASELINE = summ.BASELINE
 Runs = summ.Runs
 COLORS = {BASELINE: "#555555"}
 PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+Cells = dict[str, dict[Any, tuple[float, float]]]  # series → x → (mean, std)
 
 
 def _color(name: str, names: Sequence[str]) -> str:
@@ -33,18 +36,27 @@ def _color(name: str, names: Sequence[str]) -> str:
     return COLORS.get(name) or PALETTE[others.index(name) % len(PALETTE)]
 
 
-def _series_values(panel: dict[str, Any], runs: Runs, key: str, scale: float) -> dict[str, Any]:
-    """series → x → list of finite values of result ``key`` (× ``scale``), in member order."""
-    out: dict[str, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for m in panel["members"]:
-        v = runs[m["run_id"]][key]
-        if v is not None:
-            out[m["series"]][m["x"]].append(scale * v)
+def _cells(summary: dict[str, Any], metric: str) -> Cells:
+    """The mean ± std cells of ``metric`` in the summary's rows, the baseline first; a std of one
+    seed is drawn as 0, and a cell without a finite value is left out."""
+    out: Cells = defaultdict(dict)
+    for row in summary["rows"]:
+        stats = row[metric]
+        for name, stat in ((BASELINE, stats["baseline"]), (row["series"], stats["series"])):
+            if stat["mean"] is not None:
+                out[name][row["x"]] = (stat["mean"], stat["std"] or 0.0)
     return out
 
 
-def _mean_std(vs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(vs), statistics.stdev(vs) if len(vs) > 1 else 0.0
+def _errorbars(ax: Any, cells: Cells) -> None:
+    """Every series of ``cells`` as mean ± std against x, the baseline dashed."""
+    names = list(cells)
+    for name, by_x in cells.items():
+        xs = sorted(by_x)
+        ax.errorbar(
+            xs, [by_x[x][0] for x in xs], yerr=[by_x[x][1] for x in xs], label=name, marker="o",
+            capsize=3, linestyle="--" if name == BASELINE else "-", color=_color(name, names),
+        )  # fmt: skip
 
 
 def _seeds(panel: dict[str, Any], runs: Runs) -> int:
@@ -121,17 +133,9 @@ def plot_accuracy(
     fig, axes = _figure(panels, rows=2)
     for col, (panel, summary) in enumerate(zip(panels, summaries, strict=True)):
         ax = axes[0][col]
-        values = _series_values(panel, runs, "final_test_acc", 100.0)
-        names = list(values)
-        for name, cells in values.items():
-            xs = sorted(cells)
-            stats = [_mean_std(cells[x]) for x in xs]
-            ax.errorbar(
-                xs, [m for m, _ in stats], yerr=[s for _, s in stats], label=name, marker="o",
-                capsize=3, linestyle="--" if name == BASELINE else "-",
-                color=_color(name, names),
-            )  # fmt: skip
-        budgets = sorted({x for c in values.values() for x in c})
+        cells = _cells(summary, "acc")
+        _errorbars(ax, cells)
+        budgets = sorted({x for c in cells.values() for x in c})
         _budget_axis(ax, budgets)
         _finish(ax, "training budget (epochs)", "test accuracy (%)", panel["title"])
         _delta_row(axes[1][col], summary, "training budget (epochs)")
@@ -144,12 +148,14 @@ def plot_accuracy(
     )  # fmt: skip
 
 
-def plot_loss(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -> None:
+def plot_loss(
+    panels: Sequence[dict[str, Any]], runs: Runs, summaries: Sequence[dict[str, Any]], path: Path
+) -> None:
     """Top: training loss per epoch at each panel's longest budget (mean; range over seeds
     shaded).
     Bottom: final training loss vs budget (mean ± 1 std). Log-scale losses."""
     fig, axes = _figure(panels, rows=2)
-    for col, panel in enumerate(panels):
+    for col, (panel, summary) in enumerate(zip(panels, summaries, strict=True)):
         top, bottom = axes[0][col], axes[1][col]
         longest = max(m["x"] for m in panel["members"])
         curves: dict[str, list[list[float]]] = defaultdict(list)
@@ -170,17 +176,10 @@ def plot_loss(panels: Sequence[dict[str, Any]], runs: Runs, path: Path) -> None:
         _log_loss_axis(top)
         top.xaxis.get_major_locator().set_params(integer=True)
         _finish(top, f"epoch (of a {longest}-epoch run)", "training loss (nats)", panel["title"])
-        values = _series_values(panel, runs, "final_train_loss", 1.0)
-        for name, cells in values.items():
-            xs = sorted(cells)
-            stats = [_mean_std(cells[x]) for x in xs]
-            bottom.errorbar(
-                xs, [m for m, _ in stats], yerr=[s for _, s in stats], label=name, marker="o",
-                capsize=3, linestyle="--" if name == BASELINE else "-",
-                color=_color(name, list(values)),
-            )  # fmt: skip
+        cells = _cells(summary, "loss")
+        _errorbars(bottom, cells)
         _log_loss_axis(bottom)
-        _budget_axis(bottom, sorted({x for c in values.values() for x in c}))
+        _budget_axis(bottom, sorted({x for c in cells.values() for x in c}))
         _finish(bottom, "training budget (epochs)", "final training loss (nats)", panel["title"])
     seeds = _seeds(panels[0], runs)
     _save(
@@ -198,14 +197,14 @@ def plot_lambda(
     fig, axes = _figure(panels, rows=2)
     for col, (panel, summary) in enumerate(zip(panels, summaries, strict=True)):
         ax = axes[0][col]
-        values = _series_values(panel, runs, "final_test_acc", 100.0)
-        lams = sorted(x for x in values["TrAct"])
-        stats = [_mean_std(values["TrAct"][x]) for x in lams]
+        tract = _cells(summary, "acc")["TrAct"]
+        lams = sorted(tract)
         ax.errorbar(
-            lams, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
-            label="TrAct", color=PALETTE[0],
+            lams, [tract[x][0] for x in lams], yerr=[tract[x][1] for x in lams], marker="o",
+            capsize=3, label="TrAct", color=PALETTE[0],
         )  # fmt: skip
-        mean, std = _mean_std(values[BASELINE][None])
+        base = summary["rows"][0]["acc"]["baseline"]  # one baseline for every λ
+        mean, std = base["mean"], base["std"] or 0.0
         ax.axhline(mean, linestyle="--", color=COLORS[BASELINE], label="baseline")
         ax.axhspan(mean - std, mean + std, color=COLORS[BASELINE], alpha=0.12)
         _finish(ax, "λ (TrAct damping)", "test accuracy (%)", panel["title"])
@@ -223,18 +222,18 @@ def plot_lambda(
 
 
 def plot_input_range(
-    panels: Sequence[dict[str, Any]], runs: Runs, _summaries: Sequence[dict[str, Any]], path: Path
+    panels: Sequence[dict[str, Any]], runs: Runs, summaries: Sequence[dict[str, Any]], path: Path
 ) -> None:
     """Grouped bars: test accuracy (mean ± 1 std) of each series for each input range (the
     paired differences are in the table)."""
     fig, axes = _figure(panels)
-    for ax, panel in zip(axes[0], panels, strict=True):
-        values = _series_values(panel, runs, "final_test_acc", 100.0)
-        names = list(values)
-        ranges = list(dict.fromkeys(m["x"] for m in panel["members"]))
+    for ax, panel, summary in zip(axes[0], panels, summaries, strict=True):
+        cells = _cells(summary, "acc")
+        names = list(cells)
+        ranges = list(dict.fromkeys(row["x"] for row in summary["rows"]))  # the grid's order
         width = 0.8 / len(names)
         for i, name in enumerate(names):
-            stats = [_mean_std(values[name][r]) for r in ranges]
+            stats = [cells[name][r] for r in ranges]
             pos = [j + (i - (len(names) - 1) / 2) * width for j in range(len(ranges))]
             means = [m for m, _ in stats]
             ax.bar(
@@ -280,21 +279,23 @@ def write_all(
             draw(chosen, runs, [by_title[p["title"]] for p in chosen], results_dir / name)
     budget = [p for p in panels if p["kind"] == "budget"]
     if budget:
-        plot_loss(budget, runs, results_dir / "loss.png")
+        plot_loss(budget, runs, [by_title[p["title"]] for p in budget], results_dir / "loss.png")
     return text
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.plot", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("results_dir", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     path = args.results_dir / "results.json"
     if not path.exists():
-        raise SystemExit(f"no {path}; run reproduce.py (with --resume to finish a killed run)")
+        raise SystemExit(
+            f"no {path}; run python -m scripts.reproduce (with --resume to finish a killed run)"
+        )
     results = json.loads(path.read_text())
     runs = {r["run_id"]: r for r in results["runs"]}
-    results["summary"] = summ.summarize(results["panels"], runs)
-    path.write_text(json.dumps(results, indent=1))
     print(write_all(args.results_dir, results["panels"], runs, results["summary"]))
 
 

@@ -1,4 +1,7 @@
-"""The run grids: the CPU digits demo and the paper's CIFAR experiments (settings: PAPER.md).
+"""The run grids: the CPU digits demo and the paper's CIFAR experiments.
+
+The paper: F. Petersen, C. Borgelt and S. Ermon, "TrAct: Making First-layer Pre-Activations
+Trainable", NeurIPS 2024 (arXiv 2410.23970); figure numbers below are its figures.
 
 A grid is a list of panels; a panel is what one table and one subplot show: members, each a run
 with the series (line or bar) and x value (budget, λ or input range) it is drawn at. The same run
@@ -13,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from train import RunConfig
+from scripts.train import RunConfig
 
 BASELINE = "baseline"
 #: Panel kinds: accuracy vs epoch budget, vs λ (one baseline for the panel), vs input range, and
@@ -130,9 +133,9 @@ class DemoSetting:
 
 
 # Learning rates: per budget, the baseline's best mean validation accuracy over 5 seeds, on a
-# stratified 20 % of the training images held out from training (`reproduce.py --tune-lr`; the
-# test set is not used). TrAct reuses them untuned. ViT / SGD, a setting the paper did not run
-# (its ViT trains with Adam), is not part of the demo.
+# stratified 20 % of the training images held out from training (`python -m scripts.reproduce
+# --tune-lr`; the test set is not used). TrAct reuses them untuned. ViT / SGD, a setting the
+# paper did not run (its ViT trains with Adam), is not part of the demo.
 DEMO_SETTINGS = (
     DemoSetting("CNN / SGD", "digits_cnn", "sgd",
                 ((1, 1.0), (2, 1.0), (4, 1.0), (8, 1.0), (16, 0.3)), (0.1, 0.3, 1.0, 3.0)),

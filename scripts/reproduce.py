@@ -1,9 +1,9 @@
 """Baseline vs TrAct: the CPU digits demo (default) and the paper's CIFAR experiments (--preset).
 
-    python scripts/reproduce.py                 # digits demo, 2 CPU cores, a few minutes
-    python scripts/reproduce.py --quick         # every demo panel at a tiny size, under a minute
-    python scripts/reproduce.py --tune-lr       # the demo's baseline learning-rate search
-    python scripts/reproduce.py --preset cifar10-resnet18-sgd --data-dir ~/data --device cuda
+    python -m scripts.reproduce                 # digits demo, 2 CPU cores, a few minutes
+    python -m scripts.reproduce --quick         # every demo panel at a tiny size, under a minute
+    python -m scripts.reproduce --tune-lr       # the demo's baseline learning-rate search
+    python -m scripts.reproduce --preset cifar10-resnet18-sgd --data-dir ~/data --device cuda
 
 Writes OUT/runs/RUN_ID.json per run (every setting, per-epoch training loss and test accuracy,
 final numbers), OUT/results.json (panels, summary and all runs), OUT/summary.md and the figures
@@ -26,20 +26,20 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import data
-import plot
-import presets
-import summary
 import torch
 from tqdm import tqdm
-from train import RunConfig, load_data, train_run
+
+from scripts import data, plot, presets, summary
+from scripts.train import RunConfig, load_data, train_run
 
 DataKey = tuple[str, str, str]  # dataset, input range, evaluation split
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m scripts.reproduce",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("--preset", choices=sorted(presets.PRESETS), help="paper experiment")
     parser.add_argument("--quick", action="store_true", help="every demo panel, tiny (CI)")

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import data
-import models
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from scripts import data, models
 from tract_optim import TrActOptimizer, find_first_layer
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {

@@ -1,5 +1,5 @@
-"""Smoke tests of ``scripts/bench.py``: ``--quick`` (CPU) and the GPU suite's logic on CPU at toy
-sizes (``--gpu-suite --tiny``): they run, and their reports are complete and consistent.
+"""Smoke tests of ``python -m scripts.bench``: ``--quick`` (CPU) and the GPU suite's logic on CPU
+at toy sizes (``--gpu-suite --tiny``): they run, and their reports are complete and consistent.
 
 No timing assertions: only the structure of the reports and relations that hold for any timings
 (recomputed here from the raw per-round times the report also records).
@@ -12,18 +12,24 @@ import math
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from torch import nn
+
+from scripts.bench.variants import LAM, PLAIN, choose, chunked
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = str(ROOT / "scripts" / "bench.py")
+CHUNKED = "tract_optim, 1 MiB chunks"
 Report = tuple[dict[str, Any], str]  # the JSON report and the markdown tables
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, BENCH, *args]
+    """``python -m scripts.bench ARGS`` from the root: this checkout's scripts and tract_optim."""
+    cmd = [sys.executable, "-m", "scripts.bench", *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -34,14 +40,15 @@ def quick_report(tmp_path_factory: pytest.TempPathFactory) -> Report:
     out = tmp_path_factory.mktemp("bench")
     json_path, md_path = out / "bench.json", out / "bench.md"
     args = ["--quick", "--threads", "1", "--json", str(json_path), "--markdown", str(md_path)]
-    run_bench(*args, "--baseline", str(ROOT))  # this checkout as its own baseline
+    # This checkout as its own baseline; the memory subprocesses rebuild both extra variants.
+    run_bench(*args, "--baseline", str(ROOT), "--chunk-mib", "1")
     return json.loads(json_path.read_text()), md_path.read_text()
 
 
 def test_report_has_every_case_and_variant(quick_report: Report) -> None:
     report, _ = quick_report
     variants = report["variants"]
-    assert variants[:3] == ["plain", "tract_optim", "baseline"]
+    assert variants[:4] == ["plain", "tract_optim", "baseline", CHUNKED]
     assert report["settings"]["baseline"] == str(ROOT)
     names = [c["case"] for c in report["cases"]]
     expected = ["CIFAR stem", "ImageNet stem", "ViT-S/16 patch", "patch 32", "Linear 784→256"]
@@ -84,6 +91,26 @@ def test_environment_and_markdown(quick_report: Report) -> None:
         assert any(row.startswith(f"| {case['case']} |") for row in rows)
 
 
+def test_a_variant_carries_its_chunk_size() -> None:
+    """The chunk size is a field of the variant, passed to its TrActOptimizer with λ (never
+    parsed back out of the column name); the columns come in report order."""
+    calls: list[dict[str, Any]] = []
+
+    def tract(sgd: torch.optim.SGD, first: nn.Module, **kwargs: Any) -> torch.optim.SGD:
+        calls.append(kwargs)
+        return sgd
+
+    layer = nn.Linear(2, 2)
+    sgd = torch.optim.SGD(layer.parameters(), lr=0.1)
+    three = chunked(3)
+    assert three.name == "tract_optim, 3 MiB chunks" and three.chunk_bytes == 3 * 2**20
+    assert replace(three, tract=tract).optimizer(sgd, layer) is sgd
+    assert calls == [{"lam": LAM, "chunk_bytes": 3 * 2**20}]
+    assert PLAIN.optimizer(sgd, layer) is sgd
+    chosen = choose(3, None, authors=False)
+    assert [v.name for v in chosen] == ["plain", "tract_optim", "tract_optim, 3 MiB chunks"]
+
+
 # --- the GPU suite, on CPU at toy sizes ----------------------------------------------------------
 
 SECTIONS = (
@@ -93,7 +120,6 @@ SECTIONS = (
     + ["models, compiled, bf16"] * 2
     + ["layers, compiled, bf16"] * 3
 )
-CHUNKED = "tract_optim, 1 MiB chunks"
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ input), never taken from the finder itself.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import timm_like
@@ -19,10 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from scripts import models
 from tract_optim import find_first_layer, find_first_layers
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import models
 
 ReferenceRows = Callable[[nn.Module, Tensor], Tensor]
 

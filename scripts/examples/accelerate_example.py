@@ -1,6 +1,6 @@
 """TrAct with Hugging Face Accelerate: a small CNN on scikit-learn's digits.
 
-    python scripts/examples/accelerate_example.py [--quick]     (or: accelerate launch ...)
+    python -m scripts.examples.accelerate_example [--quick]   (or: accelerate launch -m ...)
 
 Create ``TrActOptimizer`` from the model, then ``accelerator.prepare`` everything (under FSDP,
 prepare the model first and create the optimizer from the prepared model's parameters).
@@ -11,8 +11,6 @@ prepare the model first and create the optimizer from the prepared model's param
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,11 +19,9 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from scripts.data import load_digits_data
+from scripts.models import digits_cnn
 from tract_optim import TrActOptimizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import load_digits_data
-from models import digits_cnn
 
 
 def train_epoch(
@@ -42,7 +38,9 @@ def train_epoch(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.examples.accelerate_example", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="one short epoch (seconds)")
     parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per step")
     args = parser.parse_args()

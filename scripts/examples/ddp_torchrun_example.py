@@ -1,6 +1,6 @@
 """TrAct under DDP, launched with torchrun: a small CNN on scikit-learn's digits.
 
-    torchrun --nproc_per_node=2 scripts/examples/ddp_torchrun_example.py [--quick]
+    torchrun --nproc_per_node=2 -m scripts.examples.ddp_torchrun_example [--quick]
 
 Wrap the model first, then create the optimizers from it. ``TrActOptimizer`` sums the first
 layer's input statistics over the ranks before each step, so every replica applies the update
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,15 +19,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from scripts.data import load_digits_data
+from scripts.models import digits_cnn
 from tract_optim import TrActOptimizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import load_digits_data
-from models import digits_cnn
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="torchrun --nproc_per_node=N -m scripts.examples.ddp_torchrun_example",
+        description=__doc__.split("\n")[0],
+    )
     parser.add_argument("--quick", action="store_true", help="one short epoch (seconds)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()

@@ -1,6 +1,6 @@
 """TrAct with the Hugging Face ``transformers`` Trainer: a small CNN on scikit-learn's digits.
 
-    python scripts/examples/hf_trainer_example.py [--quick]
+    python -m scripts.examples.hf_trainer_example [--quick]
 
 Pass ``optimizers=(TrActOptimizer(...), scheduler)``. The Trainer's ``max_grad_norm`` (default 1)
 clips the raw gradient before ``step()``: set it to 0 and let ``clip_grad_norm=`` clip TrAct's.
@@ -9,9 +9,7 @@ clips the raw gradient before ``step()``: set it to 0 and let ``clip_grad_norm=`
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,11 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
+from scripts.data import load_digits_data
+from scripts.models import digits_cnn
 from tract_optim import TrActOptimizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import load_digits_data
-from models import digits_cnn
 
 
 class Classifier(nn.Module):
@@ -53,7 +49,9 @@ def tract_optimizers(model: Classifier, steps: int, lr: float = 3e-3, lam: float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.examples.hf_trainer_example", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps (seconds)")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """TrAct in PyTorch Lightning: a small CNN on scikit-learn's digits.
 
-    python scripts/examples/lightning_example.py [--quick] [--clip 1.0] [--precision bf16-mixed]
+    python -m scripts.examples.lightning_example [--quick] [--clip 1.0] [--precision bf16-mixed]
 
 ``TrActOptimizer`` goes into ``configure_optimizers`` like any optimizer, with a scheduler dict.
 Lightning's ``gradient_clip_val`` clips before ``optimizer.step()``, i.e. the raw gradient, so this
@@ -10,8 +10,6 @@ script leaves it off and lets ``TrActOptimizer(clip_grad_norm=...)`` clip the Tr
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,11 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from scripts.data import load_digits_data
+from scripts.models import digits_cnn
 from tract_optim import TrActOptimizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import load_digits_data
-from models import digits_cnn
 
 
 class TrActClassifier(L.LightningModule):
@@ -50,7 +46,9 @@ class TrActClassifier(L.LightningModule):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.examples.lightning_example", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="one short epoch (seconds)")
     parser.add_argument("--clip", type=float, default=1.0, help="clip the TrAct gradient norm")
     parser.add_argument("--precision", default="32-true", help='e.g. "bf16-mixed"')

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -51,10 +50,9 @@ def require(name: str) -> ModuleType:
 
 
 def import_example(name: str) -> ModuleType:
-    """A script of ``scripts/examples`` as a module (the tests use its classes and functions)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
+    """``scripts.examples.NAME``, a framework's example script (the tests use its classes and
+    functions)."""
+    return importlib.import_module(f"scripts.examples.{name}")
 
 
 class TinyNet(nn.Module):

@@ -51,22 +51,23 @@ def run(args: list[str], timeout: float = 300) -> str:
 @pytest.mark.parametrize(
     "script, framework",
     [
-        ("lightning_example.py", "lightning"),
-        ("accelerate_example.py", "accelerate"),
-        ("hf_trainer_example.py", "transformers"),
+        ("lightning_example", "lightning"),
+        ("accelerate_example", "accelerate"),
+        ("hf_trainer_example", "transformers"),
     ],
 )
 def test_example_runs(script: str, framework: str) -> None:
     require(framework)
-    assert "test accuracy" in run([str(EXAMPLES / script), "--quick"])
+    assert "test accuracy" in run(["-m", f"scripts.examples.{script}", "--quick"])
 
 
 @pytest.mark.slow
 def test_ddp_example_runs_under_torchrun() -> None:
-    """Two gloo ranks on 127.0.0.1; the script itself checks that the replicas agree."""
+    """Two gloo ranks on 127.0.0.1, the script launched as a module (``torchrun -m``); it
+    checks itself that the replicas agree."""
     launcher = ["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2"]
     address = ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]
-    out = run([*launcher, *address, str(EXAMPLES / "ddp_torchrun_example.py"), "--quick"])
+    out = run([*launcher, *address, "-m", "scripts.examples.ddp_torchrun_example", "--quick"])
     assert "2 replicas agree" in out
 
 

@@ -1,0 +1,1 @@
+"""One short TrAct training script per framework: ``python -m scripts.examples.NAME --quick``."""
