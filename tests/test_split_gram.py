@@ -255,6 +255,24 @@ def test_precision_is_checked() -> None:
         unfold.gram(nn.Linear(3, 2), x, dtype=torch.float64, precision="bf16x3")
 
 
+def test_tf32_flag_is_scoped() -> None:
+    """The CUDA tf32x3 products set ``torch.backends.cuda.matmul.fp32_precision`` to "tf32"
+    only inside, and restore the caller's value after (also after an error); disabled, they
+    leave it alone."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        with gram._tf32_matmul(False):
+            assert matmul.fp32_precision == "ieee"
+        with pytest.raises(RuntimeError, match="inside"), gram._tf32_matmul(True):
+            assert matmul.fp32_precision == "tf32"
+            raise RuntimeError("inside")
+        assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = before
+
+
 # -- accuracy on realistic first layers -------------------------------------------------------
 
 #: First layers and input shapes: Linear rows, a patch embedding, the CIFAR and ImageNet stems.
