@@ -22,7 +22,7 @@ cores, summed in fp32 (``add_split_product_``). The dropped a_lo·b_lo and the r
 parts leave a relative error of about 2⁻¹⁶ (bf16) or 2⁻²² (TF32) per product, against 2⁻⁸ or
 2⁻¹¹ for a single low-precision product. Off CUDA the same parts are multiplied in fp32, which
 is exact for them (a product of two bf16 or TF32 significands fits in fp32's), so a CPU run
-computes the same sums as the tensor cores up to the order of summation.
+computes the sums the tensor cores compute, up to the order and rounding of the fp32 sums.
 """
 
 from __future__ import annotations
@@ -158,10 +158,10 @@ def conv2d_lags(
     whole batch (B·Q columns), which GEMM kernels run faster than the short products of batch
     chunks (1.2x for the 7×7/2 stem's products at B·Q = 3,584 against 560, 2 CPU threads).
 
-    Split precisions split the input once (``split_parts``) and unfold each part as above (twice
-    the copies; ``band_bytes`` bounds each part's rows); every product becomes three
-    (``add_split_product_``). Negative lags are not
-    formed, so the two cross terms cannot be one product and its transpose.
+    Split precisions split the input once (``split_parts``) and unfold each part as above (two
+    sets of copies; ``band_bytes`` bounds each part's rows); every product becomes three
+    (``add_split_product_``). Negative lags are not formed, so the two cross terms cannot be one
+    product and its transpose.
     """
     (kh, kw), (sh, sw) = kernel, stride
     top, bottom, left, right = padding
