@@ -27,7 +27,7 @@ computes the sums the tensor cores compute, up to the order and rounding of the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -99,6 +99,27 @@ def _tf32_matmul(enabled: bool) -> Iterator[None]:
         matmul.fp32_precision = before
 
 
+def add_products_(
+    out: Tensor, pairs: Sequence[tuple[Tensor, Tensor]], precision: Literal["bf16x3", "tf32x3"]
+) -> None:
+    """Add the sum of left·right over ``pairs`` (2-D or batched matrix products of parts from
+    ``_operands``) to the fp32 ``out``.
+
+    On CUDA: bfloat16 tensor-core products with fp32 outputs (the ``out_dtype`` of
+    ``torch.mm``/``torch.bmm``) for ``"bf16x3"``, TF32 tensor-core products for ``"tf32x3"``;
+    elsewhere fp32 products of the fp32 parts, which are exact, summed in fp32.
+    """
+    if pairs[0][0].dtype == torch.bfloat16:
+        mm = torch.mm if out.dim() == 2 else torch.bmm
+        for left, right in pairs:
+            out += mm(left, right, torch.float32)
+        return
+    add_ = out.addmm_ if out.dim() == 2 else out.baddbmm_
+    with _tf32_matmul(out.is_cuda and precision == "tf32x3"):
+        for left, right in pairs:
+            add_(left, right)
+
+
 def add_split_product_(
     out: Tensor,
     a: tuple[Tensor, Tensor],
@@ -106,23 +127,9 @@ def add_split_product_(
     precision: Literal["bf16x3", "tf32x3"],
 ) -> None:
     """Add a_hi·b_hi + a_hi·b_lo + a_lo·b_hi to the fp32 ``out``: the matrix product (2-D or
-    batched) of a = a_hi + a_lo and b = b_hi + b_lo less a_lo·b_lo, from parts of ``_operands``.
-
-    On CUDA: bfloat16 tensor-core products with fp32 outputs (the ``out_dtype`` of
-    ``torch.mm``/``torch.bmm``) for ``"bf16x3"``, TF32 tensor-core products for ``"tf32x3"``;
-    elsewhere fp32 products of the fp32 parts, which are exact, summed in fp32.
-    """
+    batched) of a = a_hi + a_lo and b = b_hi + b_lo less a_lo·b_lo (``add_products_``)."""
     (a_hi, a_lo), (b_hi, b_lo) = a, b
-    pairs = ((a_hi, b_hi), (a_hi, b_lo), (a_lo, b_hi))
-    if a_hi.dtype == torch.bfloat16:
-        mm = torch.mm if a_hi.dim() == 2 else torch.bmm
-        for left, right in pairs:
-            out += mm(left, right, torch.float32)
-        return
-    add_ = out.addmm_ if out.dim() == 2 else out.baddbmm_
-    with _tf32_matmul(a_hi.is_cuda and precision == "tf32x3"):
-        for left, right in pairs:
-            add_(left, right)
+    add_products_(out, ((a_hi, b_hi), (a_hi, b_lo), (a_lo, b_hi)), precision)
 
 
 #: Input rows per product of ``conv2d_lags``: two rows against their next k_h + 1 rows make the
@@ -297,10 +304,13 @@ def add_upper_(out: Tensor, rows: Tensor, precision: Precision = "fp32") -> None
     product per strip skips the blocks left of the diagonal, about half the work for wide rows.
     ``mirror_upper`` then fills the lower triangle. ``rows``: (groups, r, n), fp32. Products are
     2-D per group: a batched product copies operands whose batch stride is not a whole matrix
-    (the rows of one group are a transposed view, batch stride n). Split precisions multiply the
-    parts of each group's rows (two more copies of them) strip by strip, three products a strip:
-    the cross terms hiᵀlo + loᵀhi of a strip are the strip of S + Sᵀ (S = hiᵀlo), which takes S
-    above and below the diagonal, so forming S once would save no work.
+    (the rows of one group are a transposed view, batch stride n).
+
+    Split precisions split each group's rows (two more copies of them) and add hiᵀhi by strips
+    and the cross terms hiᵀlo + loᵀhi = S + Sᵀ, S = hiᵀlo, from one full product: a strip of
+    S + Sᵀ needs S above and below the diagonal, so two strip products per strip would do more
+    work than S (all of it for n ≤ ``STRIP``, 17 % more for n = 768). The lower triangle of
+    ``out`` gets the cross terms too; ``mirror_upper`` ignores it.
     """
     n = rows.shape[-1]
     for g in range(rows.shape[0]):
@@ -313,8 +323,11 @@ def add_upper_(out: Tensor, rows: Tensor, precision: Precision = "fp32") -> None
         hi, lo = _operands(x, precision)
         for a in range(0, n, STRIP):
             b = min(n, a + STRIP)
-            left, right = (hi[:, a:b].T, lo[:, a:b].T), (hi[:, a:], lo[:, a:])
-            add_split_product_(out[g, a:b, a:], left, right, precision)
+            add_products_(out[g, a:b, a:], ((hi[:, a:b].T, hi[:, a:]),), precision)
+        cross = out.new_zeros(n, n)
+        add_products_(cross, ((hi.T, lo),), precision)
+        out[g] += cross
+        out[g] += cross.T
 
 
 def mirror_upper(out: Tensor) -> Tensor:
