@@ -14,12 +14,123 @@ padded row and output column instead of (C·k_h·k_w)² per output position (a 7
 of 7·21² instead of 147², 3.5× less). Copies: the input split into its column stride phases,
 padding included (once), and the width-unfolded rows (k_w/s_w times the input, a band of rows at
 a time), never the k_h·k_w/(s_h·s_w) times larger unfolded input.
+
+Both kernels take a ``precision``: ``"fp32"`` multiplies the fp32 values (CUDA cores on a GPU);
+``"bf16x3"`` and ``"tf32x3"`` compute every product a·b of the Gram as a_hi·b_hi + a_hi·b_lo +
+a_lo·b_hi from parts exact in bfloat16 or TF32 (``split_parts``), products that GPUs run on tensor
+cores, summed in fp32 (``add_split_product_``). The dropped a_lo·b_lo and the rounding of the low
+parts leave a relative error of about 2⁻¹⁶ (bf16) or 2⁻²² (TF32) per product, against 2⁻⁸ or
+2⁻¹¹ for a single low-precision product. Off CUDA the same parts are multiplied in fp32, which
+is exact for them (a product of two bf16 or TF32 significands fits in fp32's), so a CPU run
+computes the sums the tensor cores compute, up to the order and rounding of the fp32 sums.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
 import torch
 from torch import Tensor
+
+#: How the products of a Gram are computed (see the module docstring).
+Precision = Literal["fp32", "bf16x3", "tf32x3"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16x3", "tf32x3")
+
+
+def round_tf32(x: Tensor) -> Tensor:
+    """fp32 ``x`` rounded to TF32 (10 explicit mantissa bits, to nearest, ties to even), as fp32.
+
+    TF32 keeps fp32's exponent, so rounding only clears the 13 low mantissa bits of the integer
+    view after adding half a unit of the last kept bit (less one unless that bit is odd: ties go
+    to even). A carry into the exponent is the right result (the next binade, or infinity above
+    the largest TF32 value). NaNs are returned as they are: the addition could carry their
+    mantissa into the sign bit.
+    """
+    bits = x.view(torch.int32)
+    rounded = (bits + (0xFFF + ((bits >> 13) & 1))) & ~0x1FFF
+    return torch.where(x.isnan(), x, rounded.view(torch.float32))
+
+
+def _round_bf16(x: Tensor) -> Tensor:
+    return x.to(torch.bfloat16).to(torch.float32)
+
+
+def split_parts(x: Tensor, precision: Literal["bf16x3", "tf32x3"]) -> tuple[Tensor, Tensor]:
+    """fp32 ``x`` as fp32 parts (hi, lo) whose values are exact in bfloat16 (``"bf16x3"``) or
+    TF32 (``"tf32x3"``): hi is ``x`` rounded, lo is ``x − hi`` rounded.
+
+    ``x − hi`` is exact in fp32 (hi is within a factor of two of ``x``), so ``x − hi − lo`` is
+    only lo's rounding error: at most 2⁻¹⁶·|x| for bfloat16 (8 significant bits each) and
+    2⁻²²·|x| for TF32 (11 each).
+    """
+    rounded = _round_bf16 if precision == "bf16x3" else round_tf32
+    hi = rounded(x)
+    return hi, rounded(x - hi)
+
+
+def _operands(x: Tensor, precision: Literal["bf16x3", "tf32x3"]) -> tuple[Tensor, Tensor]:
+    """``split_parts`` as ``add_split_product_`` reads them: bfloat16 tensors for ``"bf16x3"``
+    on CUDA (exact: they hold bfloat16 values), fp32 otherwise."""
+    hi, lo = split_parts(x, precision)
+    if x.is_cuda and precision == "bf16x3":
+        return hi.to(torch.bfloat16), lo.to(torch.bfloat16)
+    return hi, lo
+
+
+@contextmanager
+def _tf32_matmul(enabled: bool) -> Iterator[None]:
+    """fp32 CUDA matrix products inside run on TF32 tensor cores, if ``enabled``.
+
+    Sets ``torch.backends.cuda.matmul.fp32_precision`` (torch ≥ 2.9) and restores it on exit: a
+    process-wide flag, so fp32 products other threads run meanwhile may use TF32 too. Exact for
+    operands that ``split_parts`` already rounded to TF32, however the hardware converts fp32.
+    """
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def add_products_(
+    out: Tensor, pairs: Sequence[tuple[Tensor, Tensor]], precision: Literal["bf16x3", "tf32x3"]
+) -> None:
+    """Add the sum of left·right over ``pairs`` (2-D or batched matrix products of parts from
+    ``_operands``) to the fp32 ``out``.
+
+    On CUDA: bfloat16 tensor-core products with fp32 outputs (the ``out_dtype`` of
+    ``torch.mm``/``torch.bmm``) for ``"bf16x3"``, TF32 tensor-core products for ``"tf32x3"``;
+    elsewhere fp32 products of the fp32 parts, which are exact, summed in fp32.
+    """
+    if pairs[0][0].dtype == torch.bfloat16:
+        mm = torch.mm if out.dim() == 2 else torch.bmm
+        for left, right in pairs:
+            out += mm(left, right, torch.float32)
+        return
+    add_ = out.addmm_ if out.dim() == 2 else out.baddbmm_
+    with _tf32_matmul(out.is_cuda and precision == "tf32x3"):
+        for left, right in pairs:
+            add_(left, right)
+
+
+def add_split_product_(
+    out: Tensor,
+    a: tuple[Tensor, Tensor],
+    b: tuple[Tensor, Tensor],
+    precision: Literal["bf16x3", "tf32x3"],
+) -> None:
+    """Add a_hi·b_hi + a_hi·b_lo + a_lo·b_hi to the fp32 ``out``: the matrix product (2-D or
+    batched) of a = a_hi + a_lo and b = b_hi + b_lo less a_lo·b_lo (``add_products_``)."""
+    (a_hi, a_lo), (b_hi, b_lo) = a, b
+    add_products_(out, ((a_hi, b_hi), (a_hi, b_lo), (a_lo, b_hi)), precision)
+
 
 #: Input rows per product of ``conv2d_lags``: two rows against their next k_h + 1 rows make the
 #: products twice as tall for (k_h + 1)/k_h of the work, which GEMM kernels run faster than
@@ -35,9 +146,10 @@ def conv2d_lags(
     rows_per_product: int = ROWS_PER_PRODUCT,
     band_bytes: int | None = None,
     padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    precision: Precision = "fp32",
 ) -> Tensor:
     """The lag table (k_h, f, k_h, f), f = C·k_w, of an input (B, C, H, W) padded with zeros by
-    ``padding`` (top, bottom, left, right), in ``x``'s dtype.
+    ``padding`` (top, bottom, left, right), in ``x``'s dtype (fp32 for split ``precision``).
 
     Entry [i, :, d, :] is the Gram block of kernel rows ``i`` and ``i + d`` over every window of
     the input (features: channel, kernel column); entries with ``i + d ≥ k_h`` are unused. Tables
@@ -52,6 +164,11 @@ def conv2d_lags(
     are moved to the buffer's top rather than unfolded again. Every product contracts over the
     whole batch (B·Q columns), which GEMM kernels run faster than the short products of batch
     chunks (1.2x for the 7×7/2 stem's products at B·Q = 3,584 against 560, 2 CPU threads).
+
+    Split precisions split the input once (``split_parts``) and unfold each part as above (two
+    sets of copies; ``band_bytes`` bounds each part's rows); every product becomes three
+    (``add_split_product_``). Negative lags are not formed, so the two cross terms cannot be one
+    product and its transpose.
     """
     (kh, kw), (sh, sw) = kernel, stride
     top, bottom, left, right = padding
@@ -67,18 +184,24 @@ def conv2d_lags(
         fits = (band_bytes // (f * k * x.element_size()) - (kh - 1)) // m
         # at least k_h − 1 rows a band, so that the rows carried to the next never overlap
         per_band = max(1, -(-(kh - 1) // m), min(products, fits))
-    phases = _phases(x, sw, padding, used, q_out + (kw - 1) // sw, min(sw, kw))
-    z = x.new_empty(m * per_band + kh - 1, f, k)
+    parts = (x,) if precision == "fp32" else _operands(x, precision)
+    phases = [_phases(p, sw, padding, used, q_out + (kw - 1) // sw, min(sw, kw)) for p in parts]
+    zs = [p.new_empty(m * per_band + kh - 1, f, k) for p in parts]
     per_row = x.new_empty(m * products, f, kh, f)
     cols = (m + kh - 1) * f
-    carried = 0  # rows at the top of ``z`` already holding the band's first input rows
+    carried = 0  # rows at the top of each ``z`` already holding the band's first input rows
     for first in range(0, products, per_band):
         count = min(products, first + per_band) - first
         start, need = m * first, m * count + kh - 1
-        _unfold_rows_into(z[carried:need], phases, start + carried, kw, q_out)
-        lhs = z[: m * count].view(count, m * f, k)
-        rhs = z.as_strided((count, cols, k), (m * f * k, k, 1))
-        pairs = torch.bmm(lhs, rhs.mT)  # (count, m·f, (m + k_h − 1)·f)
+        for z, part_phases in zip(zs, phases, strict=True):
+            _unfold_rows_into(z[carried:need], part_phases, start + carried, kw, q_out)
+        lhs = [z[: m * count].view(count, m * f, k) for z in zs]
+        rhs = [z.as_strided((count, cols, k), (m * f * k, k, 1)).mT for z in zs]
+        if precision == "fp32":
+            pairs = torch.bmm(lhs[0], rhs[0])  # (count, m·f, (m + k_h − 1)·f)
+        else:
+            pairs = x.new_zeros(count, m * f, cols)
+            add_split_product_(pairs, (lhs[0], lhs[1]), (rhs[0], rhs[1]), precision)
         # per_row[h, :, d] = Z[h] Z[h + d]ᵀ for h = m·g + e: rows e·f … of product g from column
         # block e on (row e of a product starts its lags at block e).
         per_row[start : start + m * count].view(count, m, f, kh, f).copy_(
@@ -86,7 +209,8 @@ def conv2d_lags(
         )
         if first + count < products:
             carried = kh - 1
-            z[:carried].copy_(z[m * count : m * count + carried])
+            for z in zs:
+                z[:carried].copy_(z[m * count : m * count + carried])
     # Kernel row i of the P windows reads rows i, i + s, …, i + s·(P − 1): a strided view.
     s_h, s_a, s_d, s_b = per_row.stride()
     return per_row.as_strided((kh, p_out, f, kh, f), (s_h, sh * s_h, s_a, s_d, s_b)).sum(1)
@@ -173,7 +297,7 @@ def conv2d_gram(xpad: Tensor, kernel: tuple[int, int], stride: tuple[int, int]) 
 STRIP = 128
 
 
-def add_upper_(out: Tensor, rows: Tensor) -> None:
+def add_upper_(out: Tensor, rows: Tensor, precision: Precision = "fp32") -> None:
     """Add the upper triangle (and diagonal blocks) of xᵀx per group to ``out`` (groups, n, n).
 
     xᵀx is symmetric, so strip ``[a, b)`` of its rows is only needed from column ``a`` on: one
@@ -181,13 +305,29 @@ def add_upper_(out: Tensor, rows: Tensor) -> None:
     ``mirror_upper`` then fills the lower triangle. ``rows``: (groups, r, n), fp32. Products are
     2-D per group: a batched product copies operands whose batch stride is not a whole matrix
     (the rows of one group are a transposed view, batch stride n).
+
+    Split precisions split each group's rows (two more copies of them) and add hiᵀhi by strips
+    and the cross terms hiᵀlo + loᵀhi = S + Sᵀ, S = hiᵀlo, from one full product: a strip of
+    S + Sᵀ needs S above and below the diagonal, so two strip products per strip would do more
+    work than S (all of it for n ≤ ``STRIP``, 17 % more for n = 768). The lower triangle of
+    ``out`` gets the cross terms too; ``mirror_upper`` ignores it.
     """
     n = rows.shape[-1]
     for g in range(rows.shape[0]):
         x = rows[g]
+        if precision == "fp32":
+            for a in range(0, n, STRIP):
+                b = min(n, a + STRIP)
+                out[g, a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
+            continue
+        hi, lo = _operands(x, precision)
         for a in range(0, n, STRIP):
             b = min(n, a + STRIP)
-            out[g, a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
+            add_products_(out[g, a:b, a:], ((hi[:, a:b].T, hi[:, a:]),), precision)
+        cross = out.new_zeros(n, n)
+        add_products_(cross, ((hi.T, lo),), precision)
+        out[g] += cross
+        out[g] += cross.T
 
 
 def mirror_upper(out: Tensor) -> Tensor:

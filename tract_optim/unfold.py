@@ -208,30 +208,39 @@ def gram(
     x: Tensor,
     chunk_bytes: int | None = None,
     dtype: torch.dtype = torch.float32,
+    precision: _gram.Precision = "fp32",
 ) -> Tensor:
     """xᵀx per group, shape (groups, n, n), in ``dtype`` (fp32 or fp64), materialising at most
     ~``chunk_bytes`` at a time.
 
     Overlapping Conv2d windows go through ``gram.conv2d_lags``, which never unfolds the input;
     other layers unfold chunk by chunk and skip the lower triangle (``gram.add_upper_``). Inside
-    ``torch.compile`` the whole batch is one chunk (see ``_chunks``).
+    ``torch.compile`` the whole batch is one chunk (see ``_chunks``). ``precision``: how the
+    products are computed (``gram.Precision``); the split ones need fp32 ``dtype``, and the two
+    parts they make of every value count against ``chunk_bytes``.
     """
     geo = geometry(layer)
+    if precision not in _gram.PRECISIONS:
+        raise ValueError(f"precision must be one of {_gram.PRECISIONS}, got {precision!r}")
+    if precision != "fp32" and dtype != torch.float32:
+        raise ValueError(f"precision {precision!r} computes an fp32 Gram, got dtype {dtype}")
     if chunk_bytes is None:
         chunk_bytes = CUDA_CHUNK_BYTES if x.device.type == "cuda" else DEFAULT_CHUNK_BYTES
+    if precision != "fp32":
+        chunk_bytes //= 3
     out = torch.zeros(geo.groups, geo.n, geo.n, dtype=dtype, device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
         if isinstance(layer, nn.Linear):
             flat = x.reshape(-1, geo.n)
             for piece in _chunks(flat, 4 * geo.n, chunk_bytes):
-                _gram.add_upper_(out, piece[None].to(dtype))
+                _gram.add_upper_(out, piece[None].to(dtype), precision)
             return _gram.mirror_upper(out)
         xb = batched_input(layer, x)
         if _uses_conv2d_kernel(layer, xb):
-            _conv2d_gram_into(out, layer, xb, chunk_bytes, dtype)
+            _conv2d_gram_into(out, layer, xb, chunk_bytes, dtype, precision)
             return out
         assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        _add_unfolded_upper_(out, layer, xb, chunk_bytes, dtype)
+        _add_unfolded_upper_(out, layer, xb, chunk_bytes, dtype, precision)
     return _gram.mirror_upper(out)
 
 
@@ -241,6 +250,7 @@ def _add_unfolded_upper_(
     xb: Tensor,
     chunk_bytes: int,
     dtype: torch.dtype,
+    precision: _gram.Precision,
 ) -> None:
     """Add the upper triangles of the Grams of ``xb``'s rows to ``out``, a chunk at a time.
 
@@ -253,7 +263,7 @@ def _add_unfolded_upper_(
     buffer = out.new_empty(pieces[0].shape[0] * per_image)
     for piece in pieces:
         part = buffer[: piece.shape[0] * per_image]
-        _gram.add_upper_(out, _conv_rows(conv, piece.to(dtype), part))
+        _gram.add_upper_(out, _conv_rows(conv, piece.to(dtype), part), precision)
 
 
 def _chunks(x: Tensor, bytes_per_item: int, chunk_bytes: int) -> tuple[Tensor, ...]:
@@ -280,7 +290,12 @@ def _uses_conv2d_kernel(layer: nn.Module, x: Tensor) -> TypeGuard[nn.Conv2d]:
 
 
 def _conv2d_gram_into(
-    out: Tensor, conv: nn.Conv2d, xb: Tensor, chunk_bytes: int, dtype: torch.dtype
+    out: Tensor,
+    conv: nn.Conv2d,
+    xb: Tensor,
+    chunk_bytes: int,
+    dtype: torch.dtype,
+    precision: _gram.Precision,
 ) -> None:
     """Write the Gram of every group of ``xb``'s rows to ``out``: images padded a chunk at a
     time (half of ``chunk_bytes``), their width windows a band of rows at a time (the other half).
@@ -302,6 +317,8 @@ def _conv2d_gram_into(
         piece = piece.to(dtype) if zeros else _pad(conv, piece.to(dtype))
         for g in range(conv.groups):
             part = piece[:, g * per_group : (g + 1) * per_group]
-            tables[g] += _gram.conv2d_lags(part, kernel, stride, band_bytes=band, padding=padding)
+            tables[g] += _gram.conv2d_lags(
+                part, kernel, stride, band_bytes=band, padding=padding, precision=precision
+            )
     for g in range(conv.groups):
         out[g] = _gram.gram_from_lags(tables[g], per_group)
