@@ -5,10 +5,12 @@ whose passes are pooled. It installs:
 
 - a forward hook on each layer (run before any user hook, so it sees the layer's own output),
   which reduces a training pass to statistics (``policy``) and attaches them to the backward
-  that will train it (``graph``). Only passes that can be trained are recorded: grad enabled,
-  the module training, its weight requiring grad, not inside a ``torch.func`` transform (which
-  never touches ``.grad``), and the module being the very layer it was installed on (a
-  ``deepcopy`` of the model, e.g. an EMA copy, carries an inert copy of the hook);
+  that will train it (``graph``); between statistics refreshes (``amortise``) it attaches the
+  pass without statistics, so that it is still counted. Only passes that can be trained are
+  recorded: grad enabled, the module training, its weight requiring grad, not inside a
+  ``torch.func`` transform (which never touches ``.grad``), and the module being the very layer
+  it was installed on (a ``deepcopy`` of the model, e.g. an EMA copy, carries an inert copy of
+  the hook);
 - a tensor hook on the layer's weight, which commits the passes of a backward when that backward
   computes the weight's gradient (``ledger``). It follows the layer's current weight: a weight
   that replaced the original after construction (``fully_shard``, FSDP2's unsharded parameter
@@ -30,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import diagnostics, graph, unfold
+from .amortise import Kept
 from .ledger import GradientLedger, Pass
 from .policy import Precision, pass_statistics
 from .settings import Settings
@@ -64,6 +67,9 @@ class Target:
         this = weakref.ref(self)
         self.ledger = GradientLedger(accumulator, _grad_reader(this))
         self.superseded = False
+        #: Whether passes are recorded with statistics (False between refreshes, see amortise).
+        self.collecting = True
+        self.kept = Kept() if settings.stats_every > 1 else None
         self.key = graph.register(self)
         self._handles: list[RemovableHandle] = []
         self._weight_hooks: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -130,8 +136,12 @@ class Target:
         unfold.check_pass(layer, x, output)
         x = x.detach()
         precision = self.precision.when_run(x.dtype) if compiling else self.precision.dtype(x.dtype)
-        stats = pass_statistics(layer, x, precision, not self._capturable, self._chunk_bytes)
-        if stats is None:
+        stats = None
+        if self.collecting:
+            stats = pass_statistics(layer, x, precision, not self._capturable, self._chunk_bytes)
+            if stats is None:
+                return
+        elif unfold.row_count(layer, x) == 0:
             return
         if not compiling:
             self.ledger.note_recorded()

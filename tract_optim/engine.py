@@ -34,30 +34,45 @@ class Job:
     new: Tensor | None = None
     status: Tensor | None = None
     factor: solve.Factor | None = None
+    fresh_factor: bool = False  # made this step (not reused between refreshes)
 
 
 def run(jobs: list[Job], settings: Settings, fresh: list[bool]) -> None:
-    """Replace each job's gradient by its TrAct gradient, in place. ``fresh[k]``: whether job k
-    has statistics to use (a gradient a step already used has none)."""
-    stats = [j.target.ledger.total() if use else None for j, use in zip(jobs, fresh, strict=True)]
+    """Replace each job's gradient by its TrAct gradient, in place. ``fresh[k]``: whether job k's
+    gradient has statistics (a gradient a step already used has none). A layer between two
+    statistics refreshes (``amortise``) reuses its kept statistics and factor."""
+    refresh = [j.target.collecting for j in jobs]
+    stats: list[Stats | None] = [
+        j.target.ledger.total() if use and again else None
+        for j, use, again in zip(jobs, fresh, refresh, strict=True)
+    ]
     if settings.sync_statistics and distributed.default_group_active(settings.process_group):
-        stats = list(
-            distributed.all_reduce_stats(
-                stats,
-                [j.target.geometry for j in jobs],
-                [j.target.precision.dtype(j.grad.dtype) for j in jobs],
-                jobs[0].grad.device,
-                settings.process_group,
-            )
+        picked = [k for k, again in enumerate(refresh) if again]
+        summed = distributed.all_reduce_stats(
+            [stats[k] for k in picked],
+            [jobs[k].target.geometry for k in picked],
+            [jobs[k].target.precision.dtype(jobs[k].grad.dtype) for k in picked],
+            jobs[0].grad.device,
+            settings.process_group,
         )
-    for job, s in zip(jobs, stats, strict=True):
+        for k, total in zip(picked, summed, strict=True):
+            stats[k] = total
+    for job, new, use, again in zip(jobs, stats, fresh, refresh, strict=True):
+        kept = job.target.kept
+        s = new
+        if kept is not None and again:
+            s = None if new is None else kept.refresh(new, settings.stats_decay)
+        elif kept is not None:  # between refreshes: the kept statistics, if passes were counted
+            s = kept.stats if use and job.target.ledger.commits > 0 else None
         job.stats = s
         job.dtype = solve.resolve_dtype(
             settings.solve_dtype,
             s.accuracy if s is not None else job.grad.dtype,
             s is not None and s.rows is not None,
         )
-        _solve(job, job.dtype)
+        lam = job.lam_tensor if job.lam_tensor is not None else job.lam
+        reuse = kept.factor(lam, job.dtype) if kept is not None and not again else None
+        _solve(job, job.dtype, reuse)
     if settings.capturable:
         for job in jobs:
             assert job.new is not None and job.status is not None
@@ -70,12 +85,15 @@ def run(jobs: list[Job], settings: Settings, fresh: list[bool]) -> None:
         local, _ = distributed.local_rows(job.grad)
         if job.factor is not None or settings.capturable:
             local.copy_(job.new.reshape(local.shape))
+        kept = job.target.kept
+        if kept is not None and job.factor is not None and job.fresh_factor:
+            kept.keep_factor(job.factor, job.lam, job.dtype)
         job.target.ledger.mark_preconditioned()
 
 
-def _solve(job: Job, dtype: torch.dtype) -> None:
-    """This rank's rows of the TrAct gradient (rows, n), its status bits and its factor, without
-    host reads."""
+def _solve(job: Job, dtype: torch.dtype, reuse: solve.Factor | None = None) -> None:
+    """This rank's rows of the TrAct gradient (rows, n), its status bits and its factor (``reuse``
+    if given, already checked), without host reads."""
     local, offset = distributed.local_rows(job.grad)
     flat = local.reshape(local.shape[0], job.target.geometry.n)
     stats = job.stats
@@ -83,21 +101,25 @@ def _solve(job: Job, dtype: torch.dtype) -> None:
         job.new, job.factor = flat, None
         job.status = torch.where(flat.ne(0).any(), int(Status.MISSING), 0)
         return
-    lam = job.lam_tensor if job.lam_tensor is not None else job.lam
-    factor = solve.factor(stats, lam, dtype)
-    eps = max(torch.finfo(dtype).eps, torch.finfo(factor.known).eps) / 2
-    status = factor.status + torch.where(
-        eps * factor.cond > diagnostics.WARN_ERROR, int(Status.IMPRECISE), 0
-    )
-    if stats.gram is not None:
-        status = status + torch.where(
-            job.target.precision.needs_wide(factor.cond), int(Status.WIDE), 0
+    if reuse is not None:
+        factor, status = reuse, torch.zeros((), dtype=torch.int64, device=flat.device)
+    else:
+        lam = job.lam_tensor if job.lam_tensor is not None else job.lam
+        factor = solve.factor(stats, lam, dtype)
+        eps = max(torch.finfo(dtype).eps, torch.finfo(factor.known).eps) / 2
+        status = factor.status + torch.where(
+            eps * factor.cond > diagnostics.WARN_ERROR, int(Status.IMPRECISE), 0
         )
-    if isinstance(stats.count, Tensor):
-        missing = (stats.count == 0) & flat.ne(0).any()
-        status = status + torch.where(missing, int(Status.MISSING), 0)
+        if stats.gram is not None:
+            status = status + torch.where(
+                job.target.precision.needs_wide(factor.cond), int(Status.WIDE), 0
+            )
+        if isinstance(stats.count, Tensor):
+            missing = (stats.count == 0) & flat.ne(0).any()
+            status = status + torch.where(missing, int(Status.MISSING), 0)
     new = solve.apply_rows(factor, flat, offset, job.target.geometry.out_per_group)
     job.new, job.status, job.factor = new.to(job.grad.dtype), status, factor
+    job.fresh_factor = reuse is None
 
 
 def _check(jobs: list[Job]) -> None:
@@ -117,7 +139,7 @@ def _check(jobs: list[Job]) -> None:
             diagnostics.raise_unusable(codes[k], what, job.lam)
     for job, code in zip(jobs, codes, strict=True):
         factor = job.factor
-        if factor is None:
+        if factor is None or not job.fresh_factor:
             continue
         if code & Status.IMPRECISE:
             diagnostics.warn_imprecise(

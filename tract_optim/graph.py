@@ -67,17 +67,22 @@ def _fold_op(
     key: int, stat: Tensor, is_rows: bool, count: int, pass_id: Tensor, wide: Tensor
 ) -> None:
     """Backward reached a compiled pass: report it (runs as Python, at backward time). ``wide``:
-    whether its statistics are float64-accurate (a CPU bool, see ``policy``)."""
+    whether its statistics are float64-accurate (a CPU bool, see ``policy``); ``count`` 0: a
+    light pass, without statistics."""
     ref = _LIVE.get(key)
     receiver = ref() if ref is not None else None
-    if receiver is not None:
-        precision = torch.float64 if bool(wide) else torch.float32
-        stats = (
-            Stats(count=count, rows=stat, precision=precision)
-            if is_rows
-            else Stats(count=count, gram=stat, precision=precision)
-        )
-        receiver.reached(Pass(id=int(pass_id), stats=stats))
+    if receiver is None:
+        return
+    if count == 0:
+        receiver.reached(Pass(id=int(pass_id), stats=None, light=True))
+        return
+    precision = torch.float64 if bool(wide) else torch.float32
+    stats = (
+        Stats(count=count, rows=stat, precision=precision)
+        if is_rows
+        else Stats(count=count, gram=stat, precision=precision)
+    )
+    receiver.reached(Pass(id=int(pass_id), stats=stats))
 
 
 @_fold_op.register_fake
@@ -126,31 +131,32 @@ class Reached:
 
 def attach(
     output: Tensor,
-    stats: Stats,
+    stats: Stats | None,
     receiver: Receiver,
     key: int,
     weight: Tensor,
     precision: torch.dtype | Tensor,
 ) -> None:
     """Make backward report this pass of ``weight`` (its ``stats``, made with ``precision``, see
-    ``policy.pass_statistics``) to ``receiver`` when it reaches ``output``."""
+    ``policy.pass_statistics``; None for a light pass) to ``receiver`` when it reaches
+    ``output``."""
     # In-place ops on the output later (``x.add_(pos)``, ``ReLU(inplace=True)``) rebase it onto a
     # new node, but the producing node still runs in backward. For a view output (a Linear with
     # bias on N-D input), that is the node of the view's base.
     base = output._base if output._base is not None else output
     if torch.compiler.is_compiling():
-        stat = stats.rows if stats.rows is not None else stats.gram
-        assert stat is not None and isinstance(stats.count, int)
+        stat, is_rows, count = output.new_empty(0), False, 0
+        if stats is not None:
+            assert isinstance(stats.count, int)
+            stat, is_rows, count = stats.data, stats.rows is not None, stats.count
         pass_id = torch.ops.tract_optim.pass_id(stat)
         wide = (
             precision if isinstance(precision, Tensor) else torch.tensor(precision == torch.float64)
         )
-        hook = functools.partial(
-            _traced_fold, key, stat, stats.rows is not None, stats.count, pass_id, wide
-        )
+        hook = functools.partial(_traced_fold, key, stat, is_rows, count, pass_id, wide)
         base.register_hook(hook)  # type: ignore[no-untyped-call]
         return
-    entry = Pass(id=new_pass_id(), stats=stats, weight=weakref.ref(weight))
+    entry = Pass(id=new_pass_id(), stats=stats, weight=weakref.ref(weight), light=stats is None)
     node = base.grad_fn
     if node is None:
         output.register_hook(Reached(receiver, entry))  # type: ignore[no-untyped-call]

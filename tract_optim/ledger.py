@@ -45,12 +45,14 @@ EXPLICIT = 0
 
 @dataclass
 class Pass:
-    """One recorded forward pass: its id, its statistics (None once released) and the weight it
+    """One recorded forward pass: its id, its statistics (None once released; never any for a
+    ``light`` pass, recorded between statistics refreshes only to be counted) and the weight it
     multiplied (None when not known at record time, inside a compiled graph)."""
 
     id: int
     stats: Stats | None
     weight: weakref.ref[Tensor] | None = None
+    light: bool = False
 
 
 @dataclass
@@ -127,13 +129,14 @@ class GradientLedger:
                 return
             # A backward after a step without zero_grad: a new gradient starts.
             self._new_epoch()
-        if entry.stats is None:
+        if entry.stats is not None:
+            self.accumulator.add(entry.stats)
+            entry.stats = None  # released: the accumulator holds it now (eager passes)
+        elif not entry.light:
             self.lost = True
             return
-        self.accumulator.add(entry.stats)
         self._committed.add(entry.id)
         self.commits += 1
-        entry.stats = None  # released: the accumulator holds it now (eager passes)
 
     def _finish(self, task_id: int, task: _Task) -> None:
         """End of a backward: drop what it did not commit; note the gradient it produced."""

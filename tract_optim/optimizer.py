@@ -57,6 +57,8 @@ class TrActOptimizer(Optimizer):
         clip_norm_type: float = 2.0,
         capturable: bool = False,
         trusted_layers: Sequence[type[nn.Module]] = (),
+        stats_every: int = 1,
+        stats_decay: float | None = None,
     ) -> None:
         optimizers = _as_optimizers(optimizer)
         held = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
@@ -87,6 +89,8 @@ class TrActOptimizer(Optimizer):
             clip_norm_type=clip_norm_type,
             capturable=capturable,
             trusted_layers=trusted_layers,
+            stats_every=stats_every,
+            stats_decay=stats_decay,
         )
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state/defaults (live
         # views of the inner optimizer(s) here); a test pins this list against torch's.

@@ -59,6 +59,11 @@ class TrActPreconditioner:
             instead of an exception (see the README).
         trusted_layers: subclasses of the supported layers whose own ``forward`` you vouch for
             (TrAct then treats them as their ``nn`` base class).
+        stats_every: refresh each layer's statistics every this many steps (default 1: every
+            step, the paper's exact update); in between, the hooks do no work and the step
+            reuses the factor of the last refresh (see the README).
+        stats_decay: ``None`` (default): use the last refresh's statistics; a float d in [0, 1):
+            a running average over refreshes, A ← d·A + (1 − d)·xᵀx/r.
     """
 
     def __init__(
@@ -75,6 +80,8 @@ class TrActPreconditioner:
         clip_norm_type: float = 2.0,
         capturable: bool = False,
         trusted_layers: Sequence[type[nn.Module]] = (),
+        stats_every: int = 1,
+        stats_decay: float | None = None,
     ) -> None:
         self._settings = Settings(
             solve_dtype=solve_dtype,
@@ -86,6 +93,8 @@ class TrActPreconditioner:
             clip_norm_type=clip_norm_type,
             capturable=capturable,
             trusted_layers=tuple(trusted_layers),
+            stats_every=stats_every,
+            stats_decay=stats_decay,
         )
         layers = layers_.as_layers(first_layer, self._settings.trusted_layers)
         self._layers = tuple(layers)
@@ -98,6 +107,7 @@ class TrActPreconditioner:
             if capturable
         ]
         self._last_grad_norm: list[Tensor | None] = [None]
+        self._clock = [0]  # steps preconditioned so far (for stats_every)
         self._attached: list[Optimizer] = []
         self._attach_handles: list[AttachHandle] = []
         for target in self._targets:  # last: nothing above changed the model
@@ -186,6 +196,14 @@ class TrActPreconditioner:
             fresh.append(not ledger.preconditioned)
         if jobs:
             engine.run(jobs, self._settings, fresh)
+            self._clock[0] += 1
+            self._set_collecting()
+
+    def _set_collecting(self) -> None:
+        """Whether the passes of the next step are recorded with statistics (a refresh)."""
+        refresh = self._clock[0] % self._settings.stats_every == 0
+        for target in self._targets:
+            target.collecting = refresh
 
     def clip_(self, params: Sequence[Tensor]) -> None:
         """Clip ``params``' gradients to ``clip_grad_norm`` if it is set (after preconditioning)."""
@@ -209,22 +227,31 @@ class TrActPreconditioner:
 
     # --- attaching to an optimizer --------------------------------------------------------------
 
-    def attach(self, optimizer: Optimizer) -> AttachHandle:
-        """Make ``optimizer.step()`` precondition first (and clip, if ``clip_grad_norm`` is set).
+    def attach(self, *optimizers: Optimizer) -> AttachHandle:
+        """Make each optimizer's ``step()`` precondition first (and clip its parameters, if
+        ``clip_grad_norm`` is set).
 
-        Registers a step pre-hook and post-hook on ``optimizer``; call it once per optimizer (for
-        several optimizers stepped in one training step, each step skips what an earlier one
-        preconditioned). ``optimizer`` must hold every first layer's weight, unless another
-        attached optimizer does. Returns a handle whose ``remove()`` detaches it.
+        Registers a step pre-hook and post-hook on each optimizer. Optimizers stepped one after
+        the other in a training step (SGD for the first layer, Adam for the rest) are attached
+        together, and whichever steps first preconditions; together with those attached before,
+        they must hold every first layer's weight. Returns a handle whose ``remove()`` detaches
+        them.
         """
-        check_optimizer(optimizer, "optimizer")
-        if any(optimizer is other for other in self._attached):
-            raise ValueError("attach: this optimizer is already attached")
-        self.check_held([*self._attached, optimizer])
-        pre = optimizer.register_step_pre_hook(self._pre_step)
-        post = optimizer.register_step_post_hook(self._post_step)
-        self._attached.append(optimizer)
-        handle = AttachHandle(self, optimizer, (pre, post))
+        if not optimizers:
+            raise ValueError("attach: give at least one optimizer")
+        for i, opt in enumerate(optimizers):
+            check_optimizer(opt, f"optimizers[{i}]")
+            if any(opt is other for other in [*self._attached, *optimizers[:i]]):
+                raise ValueError(f"attach: optimizers[{i}] is already attached")
+        self.check_held([*self._attached, *optimizers])
+        hooks: list[RemovableHandle] = []
+        for opt in optimizers:
+            hooks += [
+                opt.register_step_pre_hook(self._pre_step),
+                opt.register_step_post_hook(self._post_step),
+            ]
+        self._attached.extend(optimizers)
+        handle = AttachHandle(self, optimizers, tuple(hooks))
         self._attach_handles.append(handle)
         return handle
 
@@ -248,12 +275,21 @@ class TrActPreconditioner:
     # --- checkpoints and lifetime ---------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """λ of each layer and each layer's statistics precision (``"stats_dtype"``)."""
+        """λ of each layer and each layer's statistics precision (``"stats_dtype"``); with
+        ``stats_every`` > 1 also the step count and the kept statistics, so that a resume
+        continues bit for bit."""
         modes = [""] * len(self._lams)
+        kept: list[dict[str, Any] | None] = [None] * len(self._lams)
         for target in self._targets:
             for i in target.indices:
                 modes[i] = target.precision.state()
-        return {"lam": list(self._lams), "stats_dtype": modes}
+            if target.kept is not None:
+                kept[target.indices[0]] = target.kept.state()
+        out: dict[str, Any] = {"lam": list(self._lams), "stats_dtype": modes}
+        if self._settings.stats_every > 1:
+            out["step"] = self._clock[0]
+            out["kept"] = kept
+        return out
 
     def check_state_dict(self, state: Mapping[str, Any], where: str) -> None:
         """Raise, naming ``where``, unless ``state`` can be loaded (nothing is changed)."""
@@ -269,6 +305,11 @@ class TrActPreconditioner:
                 self._lams[i] = value
             if modes is not None:
                 target.precision.load(modes[target.indices[0]])
+            if target.kept is not None:
+                target.kept.load(state.get("kept", [None] * len(lams))[target.indices[0]])
+        if self._settings.stats_every > 1:
+            self._clock[0] = int(state.get("step", 0))
+            self._set_collecting()
         if self._lam_tensors:
             for tensor, target in zip(self._lam_tensors, self._targets, strict=True):
                 tensor.fill_(self._lams[target.indices[0]])
@@ -330,20 +371,22 @@ class TrActPreconditioner:
 
 
 class AttachHandle:
-    """What ``attach`` returns: ``remove()`` takes both step hooks off and forgets the optimizer
+    """What ``attach`` returns: ``remove()`` takes the step hooks off and forgets the optimizers
     (also usable as a context manager)."""
 
     def __init__(
-        self, owner: TrActPreconditioner, optimizer: Optimizer, hooks: tuple[RemovableHandle, ...]
+        self,
+        owner: TrActPreconditioner,
+        optimizers: Sequence[Optimizer],
+        hooks: tuple[RemovableHandle, ...],
     ) -> None:
-        self._owner, self._optimizer, self._hooks = owner, optimizer, hooks
+        self._owner, self._optimizers, self._hooks = owner, tuple(optimizers), hooks
 
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         attached = self._owner._attached
-        if any(self._optimizer is o for o in attached):
-            attached[:] = [o for o in attached if o is not self._optimizer]
+        attached[:] = [o for o in attached if not any(o is mine for mine in self._optimizers)]
         if self in self._owner._attach_handles:
             self._owner._attach_handles.remove(self)
 

@@ -36,6 +36,8 @@ class Settings:
     clip_norm_type: float = 2.0
     capturable: bool = False
     trusted_layers: tuple[type[nn.Module], ...] = ()
+    stats_every: int = 1
+    stats_decay: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("solve_dtype", "stats_dtype"):
@@ -60,6 +62,19 @@ class Settings:
             self, "clip_norm_type", _positive(self.clip_norm_type, "clip_norm_type", inf=True)
         )
         object.__setattr__(self, "trusted_layers", layers_.check_trusted(self.trusted_layers))
+        every = self.stats_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"stats_every must be an int >= 1, got {every!r}")
+        decay = self.stats_decay
+        if decay is not None and (
+            isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1
+        ):
+            raise ValueError(f"stats_decay must be None or a float in [0, 1), got {decay!r}")
+        if self.capturable and every > 1:
+            raise ValueError(
+                "stats_every > 1 cannot be combined with capturable=True: a captured step "
+                "cannot tell refresh steps from the steps in between without a host read"
+            )
 
 
 def check_lam(lam: object, name: str) -> float:

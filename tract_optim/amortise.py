@@ -1,0 +1,88 @@
+"""Amortised statistics (``stats_every=k``): refresh a layer's statistics every k-th step only.
+
+The first layer's xᵀx/r is the second moment of image patches, which a batch already estimates
+well and which changes slowly; K-FAC (``factor_update_steps``) and Shampoo
+(``precondition_frequency``) amortise the same kind of statistic. On a refresh step the hooks
+record as usual and the step factorises the (data-parallel summed) statistics; on the k − 1 steps
+in between the hooks record passes without statistics (only so that the gradient ledger still
+counts them), and the step reuses the factor. Lemma 2 holds for any fixed positive-definite
+preconditioner, so the convergence points stay those of the paper's exact update.
+
+With ``decay`` d (``stats_decay``), the kept matrix is a running average over refreshes,
+A ← d·A + (1 − d)·xᵀx/r, as K-FAC's ``factor_decay``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import solve
+from .statistics import Stats, coarsest
+
+
+class Kept:
+    """What one layer reuses between refreshes: its statistics, and their factor for one λ."""
+
+    def __init__(self) -> None:
+        self.stats: Stats | None = None
+        self._factor: solve.Factor | None = None
+        self._key: tuple[float, torch.dtype] | None = None
+
+    def refresh(self, new: Stats, decay: float | None) -> Stats:
+        """Keep the statistics of a refresh step (blended with the kept ones under ``decay``)."""
+        if decay is not None and self.stats is not None:
+            new = _blend(self.stats, new, decay)
+        self.stats, self._factor, self._key = new, None, None
+        return new
+
+    def factor(self, lam: float | Tensor, dtype: torch.dtype) -> solve.Factor | None:
+        """The kept factor if it was made for ``lam`` in ``dtype``, else None."""
+        key = (float(lam), dtype) if isinstance(lam, float) else None
+        if self._factor is not None and key is not None and key == self._key:
+            return self._factor
+        return None
+
+    def keep_factor(self, factor: solve.Factor, lam: float | Tensor, dtype: torch.dtype) -> None:
+        self._factor = factor
+        self._key = (float(lam), dtype) if isinstance(lam, float) else None
+
+    def clear(self) -> None:
+        self.stats, self._factor, self._key = None, None, None
+
+    def state(self) -> dict[str, Any] | None:
+        """The kept statistics, for checkpoints (the factor is rebuilt from them, bit for bit)."""
+        if self.stats is None:
+            return None
+        data = "rows" if self.stats.rows is not None else "gram"
+        return {
+            data: self.stats.data,
+            "count": self.stats.count,
+            "precision": str(self.stats.accuracy).removeprefix("torch."),
+        }
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        self.clear()
+        if state is not None:
+            precision = getattr(torch, state["precision"])
+            self.stats = Stats(
+                count=state["count"],
+                gram=state.get("gram"),
+                rows=state.get("rows"),
+                precision=precision,
+            )
+
+
+def _blend(old: Stats, new: Stats, decay: float) -> Stats:
+    """d·A_old + (1 − d)·A_new of the normalised matrices A = xᵀx/r, as one row's statistics."""
+    precision = coarsest([old.accuracy, new.accuracy])
+    dtype = torch.promote_types(old.to_gram().dtype, new.to_gram().dtype)
+    a_old = old.to_gram().to(dtype) / _as_divisor(old.count, dtype)
+    a_new = new.to_gram().to(dtype) / _as_divisor(new.count, dtype)
+    return Stats(count=1, gram=a_old * decay + a_new * (1 - decay), precision=precision)
+
+
+def _as_divisor(count: int | Tensor, dtype: torch.dtype) -> int | Tensor:
+    return count if isinstance(count, int) else count.clamp(min=1).to(dtype)
