@@ -2,12 +2,12 @@
 
 Whatever precision the forward and backward ran in, the statistics and the solve must stay in
 fp32 or wider and the gradient comes back in the weight's dtype. Every TrAct gradient is checked
-against ``reference.tract_grad`` (float64 rows of the layer's input, ``torch.linalg.solve``)
+against ``kit.tract_grad`` (float64 rows of the layer's input, ``torch.linalg.solve``)
 applied to the same raw gradient, within ``fp32_bound``: 32·2⁻²⁴·cond(M), about 6e-6 for
 ``TinyNet``. Measured: 3e-7 under bf16 and fp16 autocast, while a Gram built from bf16-rounded
 inputs is off by 8e-4 (asserted to exceed the bound, so the bound tells the two apart).
 
-Measured drift of low-precision training from fp32 training (``reference.TinyNet``, 5 steps of
+Measured drift of low-precision training from fp32 training (``kit.TinyNet``, 5 steps of
 SGD with lr 0.05 and momentum 0.9; largest parameter difference, with parameters of size up to
 ~0.2): bf16 autocast 1.0e-2, fp16 autocast with GradScaler 3.1e-5, bf16 weights 8.7e-3.
 ``test_low_precision_training_tracks_fp32`` allows 3e-2.
@@ -16,27 +16,27 @@ SGD with lr 0.05 and momentum 0.9; largest parameter difference, with parameters
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import max_abs_diff
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from reference import (
+from torch import Tensor
+
+from tests.kit import (
     U32,
     TinyNet,
     condition,
+    draw_conv,
+    max_abs_diff,
     relative_error,
     tiny_batch,
     tiny_net,
     tract_grad,
     unfold_rows,
 )
-from torch import Tensor
-
 from tract_optim import TrActOptimizer
 
 LAM = 0.05
@@ -81,7 +81,7 @@ def test_autocast_keeps_statistics_and_solve_full_precision(
 @settings(max_examples=15, deadline=None)
 @given(data=st.data(), dtype=st.sampled_from(LOW))
 def test_autocast_any_convolution_matches_reference(
-    data: st.DataObject, dtype: torch.dtype, draw_conv: Callable[..., Any]
+    data: st.DataObject, dtype: torch.dtype
 ) -> None:
     torch.manual_seed(0)  # draw_conv fills tensors from torch's global generator
     conv, x = draw_conv(data)

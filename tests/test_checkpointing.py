@@ -10,15 +10,12 @@ micro-batches of different scale, one checkpointed and one not, or both checkpoi
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
-from _stack import max_abs_diff
-from reference import tract_grad
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from tests.kit import max_abs_diff, tract_grad, unfold_rows
 from tract_optim import TrActOptimizer
 
 LAM = 0.05
@@ -106,7 +103,7 @@ def test_checkpointed_first_layer_updates_as_without_checkpointing(
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_checkpointed_step_matches_fp64_reference(reentrant: bool, reference_rows: Any) -> None:
+def test_checkpointed_step_matches_fp64_reference(reentrant: bool) -> None:
     # The plain path is itself checked against the independent reference for one step.
     torch.manual_seed(0)
     model = Net()
@@ -116,6 +113,6 @@ def test_checkpointed_step_matches_fp64_reference(reentrant: bool, reference_row
         model(x.requires_grad_(mode is True), mode).square().mean().backward()
     raw = model.first.weight.grad.clone()
     opt.precondition_()
-    rows = torch.cat([reference_rows(model.first, x.detach()) for x in parts], dim=1)
+    rows = torch.cat([unfold_rows(model.first, x.detach()) for x in parts], dim=1)
     expected = tract_grad(rows, raw, LAM)
     torch.testing.assert_close(model.first.weight.grad.double(), expected, rtol=1e-5, atol=1e-7)

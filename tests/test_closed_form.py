@@ -1,7 +1,7 @@
 """End to end: TrActOptimizer's weight gradient equals the paper's Eq. 10.
 
-Reference: ``reference.tract_grad``, ∇W·(XᵀX/r + λI)⁻¹ per group in float64 by
-``torch.linalg.solve``, with X from ``reference.unfold_rows`` (one-hot convolution). The unfold
+Reference: ``kit.tract_grad``, ∇W·(XᵀX/r + λI)⁻¹ per group in float64 by
+``torch.linalg.solve``, with X from ``kit.unfold_rows`` (one-hot convolution). The unfold
 itself is cross-checked on the way: the autograd weight gradient must equal ∇Zᵀ·X.
 """
 
@@ -15,12 +15,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import condition, relative_error, tract_grad, unfold_rows
 from torch import Tensor, nn
 
+from tests.kit import condition, draw_conv, relative_error, tract_grad, unfold_rows
 from tract_optim import TrActOptimizer
-
-DrawConv = Callable[..., tuple[nn.Module, Tensor]]
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -147,7 +145,6 @@ def test_conv_matches_eq10(
     lam: float,
     dtype: torch.dtype,
     solve_dtype: torch.dtype | None,
-    draw_conv: DrawConv,
 ) -> None:
     """Conv1d/2d/3d over strides, paddings, dilations, groups, padding modes and layouts."""
     layer, x = draw_conv(data, dtype=dtype)

@@ -21,9 +21,9 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import CountingBackend, max_abs_diff
 from torch import Tensor, nn
 
+from tests.kit import CountingBackend, max_abs_diff
 from tract_optim import TrActOptimizer
 
 STEPS = 10

@@ -26,12 +26,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _stack import max_abs_diff, run_workers
-from reference import tract_grad
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from tests.kit import max_abs_diff, run_workers, tract_grad, unfold_rows
 from tract_optim import TrActOptimizer
 
 pytestmark = pytest.mark.slow
@@ -245,11 +244,11 @@ def assert_close(a: Params, b: Params, atol: float = ATOL) -> None:
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_ddp_replicas_match_single_process_on_global_batch(
-    results: list[dict[str, Any]], reference_rows: Any, name: str
+    results: list[dict[str, Any]], name: str
 ) -> None:
     cfg = CONFIGS[name]
     single = single_process(cfg)
-    by_hand = simulated(cfg, reference_rows, sync=True)
+    by_hand = simulated(cfg, unfold_rows, sync=True)
     for rank, res in enumerate(results):
         params = res[f"ddp/{name}"]["params"]
         assert_close(params, single)
@@ -260,9 +259,9 @@ def test_ddp_replicas_match_single_process_on_global_batch(
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fsdp2_matches_ddp_with_uneven_and_empty_shards(
-    results: list[dict[str, Any]], reference_rows: Any, name: str
+    results: list[dict[str, Any]], name: str
 ) -> None:
-    by_hand = simulated(CONFIGS[name], reference_rows, sync=True)
+    by_hand = simulated(CONFIGS[name], unfold_rows, sync=True)
     for rank, res in enumerate(results):
         assert_close(res[f"fsdp2/{name}"]["params"], res[f"ddp/{name}"]["params"])
         assert_close(res[f"fsdp2/{name}"]["params"], by_hand[rank])
@@ -279,12 +278,10 @@ def test_all_layers_share_one_collective_per_step(results: list[dict[str, Any]])
         assert res["ddp-local"]["collectives"] == [0, 0]
 
 
-def test_local_statistics_are_per_rank_tract(
-    results: list[dict[str, Any]], reference_rows: Any
-) -> None:
+def test_local_statistics_are_per_rank_tract(results: list[dict[str, Any]]) -> None:
     cfg = CONFIGS["groups"]
-    local = simulated(cfg, reference_rows, sync=False, steps=2)
-    synced = simulated(cfg, reference_rows, sync=True, steps=2)
+    local = simulated(cfg, unfold_rows, sync=False, steps=2)
+    synced = simulated(cfg, unfold_rows, sync=True, steps=2)
     for rank, res in enumerate(results):
         assert_close(res["ddp-local"]["params"], local[rank])
         assert max_abs_diff(res["ddp-local"]["params"], synced[rank]) > 1e-3
@@ -300,12 +297,10 @@ def test_process_group_argument_selects_whose_statistics_are_summed(
         assert res["ddp-own-group"]["collectives"] == [0, 0]
 
 
-def test_no_sync_gradient_accumulation_matches_global_batch(
-    results: list[dict[str, Any]], reference_rows: Any
-) -> None:
+def test_no_sync_gradient_accumulation_matches_global_batch(results: list[dict[str, Any]]) -> None:
     cfg = CONFIGS["groups"]
     single = single_process(cfg, micro=2)
-    by_hand = simulated(cfg, reference_rows, sync=True, micro=2)
+    by_hand = simulated(cfg, unfold_rows, sync=True, micro=2)
     for rank, res in enumerate(results):
         assert_close(res["ddp-no-sync"]["params"], single)
         assert_close(res["ddp-no-sync"]["params"], by_hand[rank])

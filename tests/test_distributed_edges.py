@@ -3,7 +3,7 @@
 The "gradient without statistics" check runs on the *global* statistics, after the all-reduce:
 a rank that saw no rows still holds the averaged gradient, and must precondition it with the
 other ranks' statistics rather than raise. Two gloo processes on 127.0.0.1; the reference is
-float64 TrAct (``reference.tract_grad``) of rank 0's rows and the DDP-averaged gradient.
+float64 TrAct (``kit.tract_grad``) of rank 0's rows and the DDP-averaged gradient.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import run_workers
-from reference import tract_grad
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tests.kit import run_workers, tract_grad
 from tract_optim import TrActOptimizer
 
 pytestmark = pytest.mark.slow

@@ -14,10 +14,10 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import max_abs_diff
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from tests.kit import max_abs_diff
 from tract_optim import TrActOptimizer
 
 STEPS = 3

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _compare import assert_same
 from torch import Tensor, nn
 from torch.optim import SGD, Adam, Optimizer
 
+from tests.kit import assert_same
 from tract_optim import TrActOptimizer
 
 Batch = tuple[Tensor, Tensor]

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import tract_grad
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.kit import tract_grad
 from tract_optim import TrActOptimizer
 
 LAM = 0.1

@@ -9,17 +9,23 @@ Notation in torch's row layout: rows x (b, n), z = x Wᵀ (b, m), ∇W = ∇zᵀ
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from reference import U32, U64, condition, linear_with, relative_error, tract_grad, unfold_rows
 from torch import Tensor, nn
 
+from tests.kit import (
+    U32,
+    U64,
+    condition,
+    draw_conv,
+    linear_with,
+    relative_error,
+    tract_grad,
+    unfold_rows,
+)
 from tract_optim import TrActOptimizer
-
-DrawConv = Callable[..., tuple[nn.Module, Tensor]]
 
 SETTINGS = settings(max_examples=40, deadline=None)
 LAMS = st.sampled_from([0.01, 0.05, 0.1, 0.2, 1.0])
@@ -198,9 +204,7 @@ def steps_to(reduction: float, rate: float) -> int:
 
 @SETTINGS
 @given(data=st.data(), lam=LAMS)
-def test_lemma2_nonzero_gradient_gives_descent_direction(
-    data: st.DataObject, lam: float, draw_conv: DrawConv
-) -> None:
+def test_lemma2_nonzero_gradient_gives_descent_direction(data: st.DataObject, lam: float) -> None:
     """∇W ≠ 0 ⇒ TrAct ∇W ≠ 0, and it is a descent direction within the spectral bounds
 
     ‖G‖²/(max tr(XᵀX)/r + λ) ≤ ⟨G, G M⁻¹⟩ ≤ ‖G‖²/λ, from λI ⪯ M ⪯ (tr(XᵀX)/r + λ) I.

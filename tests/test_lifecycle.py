@@ -2,7 +2,7 @@
 
 Each test trains with ``SGD(lr=1)`` (no momentum), so the first layer's weight moves by exactly
 minus the gradient the inner optimizer saw, and compares that move with TrAct written out in
-float64 (``reference.tract_grad``) over exactly the passes whose backward produced the
+float64 (``kit.tract_grad``) over exactly the passes whose backward produced the
 gradient. Raw gradients come from a twin model without TrAct, and rows from ``F.unfold`` /
 ``reshape`` (not the library's unfold). Where ``torch.compile`` applies, eager and compiled runs
 are both checked against the same reference.
@@ -19,11 +19,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import CountingBackend
-from reference import tract_grad
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.kit import CountingBackend, tract_grad
 from tract_optim import TrActOptimizer
 
 LAM = 0.1

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _compare import assert_same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.optim import SGD, Adam, Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR, StepLR
 
+from tests.kit import assert_same
 from tract_optim import TrActOptimizer
 
 Batch = tuple[Tensor, Tensor]

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 import torch
-from reference import tract_grad
 from torch import Tensor, nn
 
+from tests.kit import tract_grad
 from tract_optim import TrActOptimizer
 
 LAM = 0.1

@@ -11,12 +11,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm_like
 import torch
 import torch.nn.functional as F
-from reference import tract_grad
 from torch import nn
 
+from tests.kit import timm_like, tract_grad
 from tract_optim import TrActOptimizer, find_first_layer
 
 timm = pytest.importorskip("timm")

@@ -10,7 +10,7 @@
   received, and a post-hook on the last one the weight change.
 
 ``check_step`` then computes in float64 what the inner optimizer must have received: the raw first
-layer gradient times (XᵀX/r + λI)⁻¹ (``reference.tract_grad``, ``torch.linalg.solve``),
+layer gradient times (XᵀX/r + λI)⁻¹ (``kit.tract_grad``, ``torch.linalg.solve``),
 the other gradients unchanged, the whole set clipped to ``max_norm`` if asked. It also checks that
 the comparison can fail: TrAct switched off, applied twice, or applied after clipping would each be
 at least ``SEPARATION`` away.
@@ -30,9 +30,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import tract_grad
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from tests.kit import tract_grad
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "scripts" / "examples"
 #: Largest error allowed, relative to the largest entry of the expected gradient.

@@ -14,9 +14,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _frameworks import UpdateRecorder, check_step, import_example, require, tiny_data, tiny_net
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.integrations._frameworks import (
+    UpdateRecorder,
+    check_step,
+    import_example,
+    require,
+    tiny_data,
+    tiny_net,
+)
 from tract_optim import TrActOptimizer
 
 accelerate = require("accelerate")

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _frameworks import Step, check_step, expected, tiny_data, tiny_net
-from _stack import run_workers
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tests.integrations._frameworks import Step, check_step, expected, tiny_data, tiny_net
+from tests.kit import run_workers
 from tract_optim import TrActOptimizer
 
 pytestmark = pytest.mark.slow

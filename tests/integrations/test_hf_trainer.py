@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _frameworks import (
+
+from tests.integrations._frameworks import (
     UpdateRecorder,
     check_step,
     expected,
@@ -21,7 +22,6 @@ from _frameworks import (
     tiny_data,
     tiny_net,
 )
-
 from tract_optim import TrActOptimizer
 
 transformers = require("transformers")

@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _frameworks import (
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.integrations._frameworks import (
     UpdateRecorder,
     check_step,
     expected,
@@ -25,9 +28,6 @@ from _frameworks import (
     tiny_data,
     tiny_net,
 )
-from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
-
 from tract_optim import TrActOptimizer
 
 L = require("lightning")

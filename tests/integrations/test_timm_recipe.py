@@ -25,7 +25,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _frameworks import (
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.integrations._frameworks import (
     UpdateRecorder,
     check_step,
     expected,
@@ -33,10 +37,6 @@ from _frameworks import (
     tiny_data,
     tiny_net,
 )
-from torch import Tensor, nn
-from torch.optim import Optimizer
-from torch.utils.data import DataLoader, TensorDataset
-
 from tract_optim import TrActOptimizer
 
 LAM = 0.1

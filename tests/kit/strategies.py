@@ -1,32 +1,22 @@
-"""Shared fixtures: a random-convolution drawer, and ``reference.unfold_rows`` as a fixture.
+"""A hypothesis strategy helper: a random convolution and an input for it.
 
-Session-scoped, so that hypothesis tests can use them. The references themselves live in
-``reference.py`` (importable: pytest puts this directory on ``sys.path``).
+``draw_conv(data, ...)`` is called inside a ``@given(data=st.data())`` test, so that every argument
+a Conv1d/2d/3d accepts (groups, bias, padding modes and kinds, stride, dilation, unbatched input,
+memory layouts) comes up, and a failing example replays exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 from hypothesis import strategies as st
-from reference import unfold_rows
 from torch import Tensor, nn
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
-ReferenceRows = Callable[[nn.Module, Tensor], Tensor]
-DrawConv = Callable[..., tuple[Conv, Tensor]]
 
 _CONVS: dict[int, type[Conv]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-@pytest.fixture(scope="session")
-def reference_rows() -> ReferenceRows:
-    """``reference.unfold_rows``: the independent unfold ``(layer, x) -> rows`` in float64."""
-    return unfold_rows
 
 
 def _draw_geometry(data: st.DataObject, dims: int) -> dict[str, Any]:
@@ -83,7 +73,7 @@ def _layout(data: st.DataObject, shape: list[int], dtype: torch.dtype) -> Tensor
     return x
 
 
-def draw_conv_impl(
+def draw_conv(
     data: st.DataObject,
     dims: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -111,9 +101,3 @@ def draw_conv_impl(
     if batch:
         shape.insert(0, batch)
     return conv, _layout(data, shape, dtype)
-
-
-@pytest.fixture(scope="session")
-def draw_conv() -> DrawConv:
-    """``draw_conv(data, dims=None, dtype=float32, max_batch=3) -> (conv, x)``."""
-    return draw_conv_impl

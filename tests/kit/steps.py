@@ -2,7 +2,7 @@
 
 ``tract_gradient`` runs a forward/backward through a model with ``TrActOptimizer`` on the given
 first layers and returns each layer's raw and preconditioned weight gradient;
-``assert_tract_update`` checks a preconditioned gradient against ``reference.tract_grad``
+``assert_tract_update`` checks a preconditioned gradient against ``kit.tract_grad``
 on rows built by the caller (independently of the library).
 """
 
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from reference import condition, relative_error, tract_grad
 from torch import Tensor, nn
 
 from tract_optim import TrActOptimizer
+
+from .reference import condition, relative_error, tract_grad
 
 #: TrAct's statistics are fp32 whatever the solve dtype, so the update is exact up to fp32
 #: rounding of the Gram, amplified by the condition number of XᵀX/r + λI.

@@ -1,0 +1,51 @@
+"""The test kit: everything the tests share, imported as ``from tests.kit import ...``.
+
+- ``reference``: the float64 TrAct references and the tolerances built on them (independent of
+  ``tract_optim``: nothing there imports it);
+- ``nets``: the tiny models and batches the tests train;
+- ``strategies``: ``draw_conv``, a random convolution and input for hypothesis tests;
+- ``stack``: a multi-process gloo runner, state comparisons, a counting compile backend;
+- ``steps``: one TrAct step through the library, returning raw and preconditioned gradients;
+- ``timm_like``: stand-ins for timm's first layers (timm is not installed here).
+"""
+
+from . import timm_like
+from .nets import TinyNet, linear_with, tiny_batch, tiny_net
+from .reference import (
+    U32,
+    U64,
+    assert_fp32_gram,
+    condition,
+    damped,
+    relative_error,
+    tract_grad,
+    unfold_rows,
+)
+from .stack import CountingBackend, assert_same, free_port, max_abs_diff, run_workers
+from .steps import ERROR_PER_COND, assert_tract_update, tract_gradient
+from .strategies import draw_conv
+
+__all__ = [
+    "ERROR_PER_COND",
+    "U32",
+    "U64",
+    "CountingBackend",
+    "TinyNet",
+    "assert_fp32_gram",
+    "assert_same",
+    "assert_tract_update",
+    "condition",
+    "damped",
+    "draw_conv",
+    "free_port",
+    "linear_with",
+    "max_abs_diff",
+    "relative_error",
+    "run_workers",
+    "timm_like",
+    "tiny_batch",
+    "tiny_net",
+    "tract_grad",
+    "tract_gradient",
+    "unfold_rows",
+]
