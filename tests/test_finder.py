@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from tests.kit import assert_tract_update, timm_like, tract_gradient, unfold_rows
+from tests.kit import assert_update, timm_like, tract_gradient, unfold_rows
 from tract_optim import find_first_layer, find_first_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -270,7 +270,7 @@ def test_parallel_first_layers_are_all_found_and_preconditioned(
     assert find_first_layer(model, x) is expected[0]
     raw, tract = tract_gradient(found, model, x, 0.1)
     for layer, g, t in zip(found, raw, tract, strict=True):
-        assert_tract_update(t, g, unfold_rows(layer, x), 0.1)
+        assert_update(t, g, unfold_rows(layer, x), 0.1)
 
 
 def test_find_first_layers_lists_a_layer_once_and_skips_transformed_inputs() -> None:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import get_default_qat_qconfig
 from torch.nn.utils import parametrizations
 
-from tests.kit import assert_tract_update, timm_like, tract_grad, tract_gradient, unfold_rows
+from tests.kit import assert_update, timm_like, tract_grad, tract_gradient, unfold_rows
 from tract_optim import TrActOptimizer
 
 
@@ -76,7 +76,7 @@ def test_conv2d_same_stem_update_is_that_of_the_padded_input(
     positions = math.prod(math.ceil(i / stride) for i in size)  # TF's SAME output size
     assert rows.shape[1] == batch * positions
     assume(bool(rows.any()))  # a dilated window can read only padding: zero rows, zero update
-    assert_tract_update(tract[0], raw[0], rows, lam)
+    assert_update(tract[0], raw[0], rows, lam)
 
 
 def test_conv2d_same_update_differs_from_a_valid_convolution() -> None:
@@ -86,7 +86,7 @@ def test_conv2d_same_update_differs_from_a_valid_convolution() -> None:
     x = torch.randn(4, 3, 32, 32)
     raw, tract = tract_gradient([stem], stem, x, 0.1)
     padded = unfold_rows(plain_copy(stem), timm_like.pad_same(x, (3, 3), (2, 2), (1, 1)))
-    assert_tract_update(tract[0], raw[0], padded, 0.1)
+    assert_update(tract[0], raw[0], padded, 0.1)
     valid = tract_grad(unfold_rows(plain_copy(stem), x), raw[0], 0.1)
     assert (tract[0].double() - valid).norm() > 1e-2 * valid.norm()
 
@@ -180,7 +180,7 @@ def test_subclass_that_keeps_the_forward_is_accepted() -> None:
     layer = Tagged(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 6, 6)
     raw, tract = tract_gradient([layer], layer, x, 0.1)
-    assert_tract_update(tract[0], raw[0], unfold_rows(layer, x), 0.1)
+    assert_update(tract[0], raw[0], unfold_rows(layer, x), 0.1)
 
 
 def test_computed_weights_are_refused() -> None:
@@ -211,7 +211,7 @@ def test_trusted_weight_transform_preconditions_the_raw_weight(
     rows = unfold_rows(plain, xin)
     with torch.no_grad():
         assert rows.shape[1] == layer(x)[0, 0].numel() * 2
-    assert_tract_update(tract[0], raw[0], rows, 0.1)
+    assert_update(tract[0], raw[0], rows, 0.1)
 
 
 @pytest.mark.parametrize("layer", qat_layers(), ids=["conv2d", "linear"])
@@ -219,7 +219,7 @@ def test_trusted_qat_layer(layer: nn.Module) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 7, 7) if isinstance(layer, nn.Conv2d) else torch.randn(5, 6)
     raw, tract = tract_gradient([layer], layer, x, 0.1, trusted_layers=[type(layer)])
-    assert_tract_update(tract[0], raw[0], unfold_rows(layer, x), 0.1)
+    assert_update(tract[0], raw[0], unfold_rows(layer, x), 0.1)
 
 
 def test_trust_covers_subclasses_that_keep_the_trusted_forward() -> None:
@@ -271,7 +271,7 @@ def test_lazy_layer_refused_until_materialised(
     x = torch.randn(*shape)
     layer(x)  # materialises it: the class becomes nn.Conv2d / nn.Linear
     raw, tract = tract_gradient([layer], layer, x, 0.1)
-    assert_tract_update(tract[0], raw[0], unfold_rows(layer, x), 0.1)
+    assert_update(tract[0], raw[0], unfold_rows(layer, x), 0.1)
 
 
 # --- optimizers that re-evaluate a closure -------------------------------------------------------

@@ -12,9 +12,11 @@
 from . import timm_like
 from .nets import TinyNet, linear_with, tiny_batch, tiny_net
 from .reference import (
+    ERROR_PER_COND,
     U32,
     U64,
     assert_fp32_gram,
+    assert_update,
     condition,
     damped,
     relative_error,
@@ -22,7 +24,7 @@ from .reference import (
     unfold_rows,
 )
 from .stack import CountingBackend, assert_same, free_port, max_abs_diff, run_workers
-from .steps import ERROR_PER_COND, assert_tract_update, tract_gradient
+from .steps import tract_gradient
 from .strategies import draw_conv
 
 __all__ = [
@@ -33,7 +35,7 @@ __all__ = [
     "TinyNet",
     "assert_fp32_gram",
     "assert_same",
-    "assert_tract_update",
+    "assert_update",
     "condition",
     "damped",
     "draw_conv",

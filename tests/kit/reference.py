@@ -9,6 +9,8 @@ Nothing here imports ``tract_optim``:
 - ``condition`` and ``relative_error``: what scaled tolerances are made of. A result computed
   with unit roundoff u from data fixing M to precision u is off by about u·cond(M) relative, so
   tests bound errors by a multiple of that, never by a fixed float64-noise constant.
+- ``assert_update``: a preconditioned gradient against ``tract_grad`` within
+  ``per_cond``·cond(M), by default ``ERROR_PER_COND`` (the library's fp32 statistics).
 - ``assert_fp32_gram``: a Gram accumulated in fp32 is within the classic dot-product bound.
 """
 
@@ -30,6 +32,10 @@ _CONV_FNS: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.co
 #: Unit roundoff of float32 and float64.
 U32 = 2.0**-24
 U64 = 2.0**-53
+#: The library's statistics are fp32 whatever the model's or the solve's dtype, so its update is
+#: exact only up to fp32 rounding of the Gram, amplified by cond(M), M = XᵀX/r + λI. The worst
+#: ratio error / (2⁻²⁴·cond(M)) measured over 8,000 random fp32 and fp64 cases was about 11.
+ERROR_PER_COND = 32 * U32
 
 
 def unfold_rows(layer: nn.Module, x: Tensor) -> Tensor:
@@ -109,3 +115,21 @@ def assert_fp32_gram(got: Tensor, rows: Tensor) -> None:
     assert got.dtype == torch.float32 and got.shape == exact.shape
     excess = ((got.double() - exact).abs() - bound).max().item()
     assert excess <= 0.0, f"exceeds the fp32 bound by {excess:.3g}"
+
+
+def assert_update(
+    got: Tensor, raw: Tensor, rows: Tensor, lam: float, *, per_cond: float = ERROR_PER_COND
+) -> float:
+    """``got`` is TrAct's update of the raw gradient ``raw`` for ``rows`` (groups, r, n):
+    ``relative_error(got, tract_grad(rows, raw, lam)) ≤ per_cond · condition(rows, lam)``.
+
+    An all-zero reference is refused (every linear map, no TrAct included, would pass). Returns
+    the error, for reports.
+    """
+    assert got.shape == raw.shape, (tuple(got.shape), tuple(raw.shape))
+    expected = tract_grad(rows, raw, lam)
+    assert expected.abs().max() > 0, "a zero gradient would make this check vacuous"
+    cond = condition(rows, lam)
+    error = relative_error(got, expected)
+    assert error <= per_cond * cond, f"relative error {error:.3g}, cond {cond:.3g}"
+    return error
