@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from tests.kit import max_abs_diff, run_workers, tract_grad, unfold_rows
+from tests.kit import max_abs_diff, run_workers, stacked_rows, tract_grad
 from tract_optim import TrActOptimizer
 
 pytestmark = pytest.mark.slow
@@ -203,9 +203,7 @@ def single_process(cfg: Config, steps: int = STEPS, micro: int = 1) -> Params:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def simulated(
-    cfg: Config, rows_of: Any, *, sync: bool, steps: int = STEPS, micro: int = 1
-) -> list[Params]:
+def simulated(cfg: Config, *, sync: bool, steps: int = STEPS, micro: int = 1) -> list[Params]:
     """Data parallelism by hand: per-rank models, averaged gradients, reference TrAct, SGD."""
     models = [make_model(cfg) for _ in range(WORLD)]
     sgds = [torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM) for m in models]
@@ -222,7 +220,7 @@ def simulated(
                 p.grad = mean[k].clone()
             visible = [b for r in range(WORLD) if sync or r == rank for b in seen[r]]
             for layer, lam, index in ((model.conv, LAMS[0], 0), (model.lin, LAMS[1], 1)):
-                rows = torch.cat([rows_of(layer, b[index]) for b in visible], dim=1)
+                rows = stacked_rows(layer, [b[index] for b in visible])
                 grad = layer.weight.grad
                 layer.weight.grad = tract_grad(rows, grad, lam).float()
             sgd.step()
@@ -248,7 +246,7 @@ def test_ddp_replicas_match_single_process_on_global_batch(
 ) -> None:
     cfg = CONFIGS[name]
     single = single_process(cfg)
-    by_hand = simulated(cfg, unfold_rows, sync=True)
+    by_hand = simulated(cfg, sync=True)
     for rank, res in enumerate(results):
         params = res[f"ddp/{name}"]["params"]
         assert_close(params, single)
@@ -261,7 +259,7 @@ def test_ddp_replicas_match_single_process_on_global_batch(
 def test_fsdp2_matches_ddp_with_uneven_and_empty_shards(
     results: list[dict[str, Any]], name: str
 ) -> None:
-    by_hand = simulated(CONFIGS[name], unfold_rows, sync=True)
+    by_hand = simulated(CONFIGS[name], sync=True)
     for rank, res in enumerate(results):
         assert_close(res[f"fsdp2/{name}"]["params"], res[f"ddp/{name}"]["params"])
         assert_close(res[f"fsdp2/{name}"]["params"], by_hand[rank])
@@ -280,8 +278,8 @@ def test_all_layers_share_one_collective_per_step(results: list[dict[str, Any]])
 
 def test_local_statistics_are_per_rank_tract(results: list[dict[str, Any]]) -> None:
     cfg = CONFIGS["groups"]
-    local = simulated(cfg, unfold_rows, sync=False, steps=2)
-    synced = simulated(cfg, unfold_rows, sync=True, steps=2)
+    local = simulated(cfg, sync=False, steps=2)
+    synced = simulated(cfg, sync=True, steps=2)
     for rank, res in enumerate(results):
         assert_close(res["ddp-local"]["params"], local[rank])
         assert max_abs_diff(res["ddp-local"]["params"], synced[rank]) > 1e-3
@@ -300,7 +298,7 @@ def test_process_group_argument_selects_whose_statistics_are_summed(
 def test_no_sync_gradient_accumulation_matches_global_batch(results: list[dict[str, Any]]) -> None:
     cfg = CONFIGS["groups"]
     single = single_process(cfg, micro=2)
-    by_hand = simulated(cfg, unfold_rows, sync=True, micro=2)
+    by_hand = simulated(cfg, sync=True, micro=2)
     for rank, res in enumerate(results):
         assert_close(res["ddp-no-sync"]["params"], single)
         assert_close(res["ddp-no-sync"]["params"], by_hand[rank])

@@ -2,9 +2,9 @@
 
 Each test trains with ``SGD(lr=1)`` (no momentum), so the first layer's weight moves by exactly
 minus the gradient the inner optimizer saw, and compares that move with TrAct written out in
-float64 (``kit.tract_grad``) over exactly the passes whose backward produced the
-gradient. Raw gradients come from a twin model without TrAct, and rows from ``F.unfold`` /
-``reshape`` (not the library's unfold). Where ``torch.compile`` applies, eager and compiled runs
+float64 (``kit.assert_update``) over exactly the passes whose backward produced the
+gradient. Raw gradients come from a twin model without TrAct, and rows from ``kit.stacked_rows``
+(not the library's unfold). Where ``torch.compile`` applies, eager and compiled runs
 are both checked against the same reference.
 """
 
@@ -18,38 +18,13 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.kit import CountingBackend, tract_grad
+from tests.kit import CountingBackend, assert_update, stacked_rows
 from tract_optim import TrActOptimizer
 
 LAM = 0.1
-RTOL = 1e-4  # fp32 library vs float64 reference, relative to the update's largest entry
-
-
-def rows_of(layer: nn.Module, xs: list[Tensor]) -> Tensor:
-    """float64 rows (1, r, n) of the passes ``xs`` through a Linear or a 1-group Conv2d."""
-    parts = []
-    for x in xs:
-        x = x.double()
-        if isinstance(layer, nn.Linear):
-            parts.append(x.reshape(-1, layer.in_features))
-        else:
-            assert isinstance(layer, nn.Conv2d) and layer.groups == 1
-            cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-            parts.append(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
-    return torch.cat(parts)[None]
-
-
-def assert_update(before: Tensor, after: Tensor, expected_grad: Tensor) -> None:
-    """``after`` = ``before`` − ``expected_grad`` (SGD, lr 1), relative to the update's size."""
-    move = before.double() - after.detach().double()
-    scale = float(expected_grad.abs().max())
-    assert scale > 0
-    err = float((move - expected_grad).abs().max()) / scale
-    assert err < RTOL, f"relative error {err:.2e}"
 
 
 def raw_grad(model: nn.Module, loss_of: Callable[[nn.Module], Tensor], layer_name: str) -> Tensor:
@@ -115,8 +90,8 @@ def test_scaler_skip_then_model_zero_grad(compiled: bool, set_to_none: bool) -> 
     before = model[0].weight.detach().clone()
     expected_raw = raw_grad(model, lambda m: loss(m(x2)), "0")
     iteration(x2, 1.0)
-    expected = tract_grad(rows_of(model[0], [x2]), expected_raw, LAM)
-    assert_update(before, model[0].weight, expected)
+    rows = stacked_rows(model[0], [x2])
+    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)
 
 
 # --- 3: precondition_(), another backward, step() ---------------------------------------------
@@ -145,13 +120,13 @@ def test_clipping_after_precondition_is_not_a_new_gradient() -> None:
     opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
     x = batch((2, 3, 4, 4), 1)
     before = model[0].weight.detach().clone()
-    expected = tract_grad(rows_of(model[0], [x]), raw_grad(model, lambda m: loss(m(x)), "0"), LAM)
+    raw = raw_grad(model, lambda m: loss(m(x)), "0")
     loss(model(x)).backward()
     opt.precondition_()
     assert model[0].weight.grad is not None
     model[0].weight.grad.mul_(0.5)  # a clip by hand
     opt.step()
-    assert_update(before, model[0].weight, expected * 0.5)
+    assert_update(before - model[0].weight.detach(), raw * 0.5, stacked_rows(model[0], [x]), LAM)
 
 
 # --- 4: reused input buffers --------------------------------------------------------------------
@@ -171,8 +146,8 @@ def test_reused_input_buffer_is_never_aliased(compiled: bool) -> None:
         buffer.copy_(x)
         loss(run(buffer)).backward()
     opt.step()
-    expected = tract_grad(rows_of(model[0], xs), expected_raw, LAM)
-    assert_update(before, model[0].weight, expected)
+    rows = stacked_rows(model[0], xs)
+    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)
 
 
 # --- 5: threads ---------------------------------------------------------------------------------
@@ -197,8 +172,8 @@ def test_passes_from_several_threads_all_count() -> None:
     for t in threads:
         t.join()
     opt.step()
-    expected = tract_grad(rows_of(model[0], xs), expected_raw, LAM)
-    assert_update(before, model[0].weight, expected)
+    rows = stacked_rows(model[0], xs)
+    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)
 
 
 # --- 6: autograd.grad accumulation, .grad set by hand --------------------------------------------
@@ -220,8 +195,8 @@ def test_autograd_grad_accumulation_then_grad_by_hand(compiled: bool) -> None:
     for p, t in zip(params, total, strict=True):
         p.grad = t
     opt.step()
-    expected = tract_grad(rows_of(model[0], xs), expected_raw, LAM)
-    assert_update(before, model[0].weight, expected)
+    rows = stacked_rows(model[0], xs)
+    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)
 
 
 # --- 8: no O(n²) memory up front or when r < n ----------------------------------------------------
@@ -255,8 +230,10 @@ def test_no_n_squared_memory_at_construction_or_when_rows_are_few() -> None:
         loss(layer(x)).backward()
         opt.step()
     assert mode.largest <= 10 * n  # rows (8 × n) and the gradient (10 × n); no n × n
-    expected = tract_grad(rows_of(layer, [x]), expected_raw, LAM)
-    assert_update(before, layer.weight, expected)
+    rows = stacked_rows(layer, [x])
+    # cond(M) ≈ 5600 counts the n − r eigenvalues λ of this r = 8 problem, so assert_update's
+    # bound is 1e-2 here: the fixed 1e-4 it replaced is stricter and stays.
+    assert assert_update(before - layer.weight.detach(), expected_raw, rows, LAM) < 1e-4
 
 
 # --- 9: forward passes without backward hold nothing ---------------------------------------------
@@ -288,8 +265,8 @@ def test_passes_without_backward_hold_no_statistics_once_outputs_are_freed() -> 
     expected_raw = raw_grad(model, lambda m: loss(m(x2)), "0")
     loss(model(x2)).backward()
     opt.step()
-    expected = tract_grad(rows_of(model[0], [x2]), expected_raw, LAM)
-    assert_update(before, model[0].weight, expected)
+    rows = stacked_rows(model[0], [x2])
+    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)
 
 
 # --- 10: keyword call ---------------------------------------------------------------------------
@@ -310,7 +287,7 @@ def test_keyword_input_call(compiled: bool) -> None:
     expected_raw = raw_grad(layer, lambda m: loss(m(x)), "")
     loss(run(x)).backward()
     opt.step()
-    assert_update(before, layer.weight, tract_grad(rows_of(layer, [x]), expected_raw, LAM))
+    assert_update(before - layer.weight.detach(), expected_raw, stacked_rows(layer, [x]), LAM)
 
 
 # --- 11: two optimizers on one layer ------------------------------------------------------------
@@ -329,8 +306,8 @@ def test_second_optimizer_takes_over_and_the_first_refuses_to_step() -> None:
         old.step()
     assert torch.equal(model[0].weight, before)
     new.step()
-    expected = tract_grad(rows_of(model[0], [x]), expected_raw, LAM)
-    assert_update(before, model[0].weight, expected)  # G·M⁻¹, not G·M⁻²
+    rows = stacked_rows(model[0], [x])
+    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)  # G·M⁻¹, not G·M⁻²
 
 
 # --- 12: varying input sizes under compile ---------------------------------------------------
@@ -399,5 +376,5 @@ def test_inplace_op_on_output(kind: str, compiled: bool) -> None:
     expected_raw = raw_grad(model, lambda m: loss(m(x)), first)
     loss(run(x)).backward()
     opt.step()
-    expected = tract_grad(rows_of(layer, [x]), expected_raw, LAM)
-    assert_update(before, layer.weight, expected)
+    rows = stacked_rows(layer, [x])
+    assert_update(before - layer.weight.detach(), expected_raw, rows, LAM)

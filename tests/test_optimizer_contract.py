@@ -1,8 +1,8 @@
 """The torch.optim contract of ``TrActOptimizer`` in real training loops.
 
 Every numerical check compares against either the plain inner optimizer run side by side, or
-TrAct computed independently by ``_reference_grad`` (F.unfold / reshape, float64,
-``torch.linalg.solve``) and written into ``.grad`` of a plain optimizer's model.
+TrAct computed independently by ``kit.tract_grad`` (float64 ``torch.linalg.solve`` on the rows of
+``kit.unfold_rows``) and written into ``.grad`` of a plain optimizer's model.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.optim import SGD, Adam, Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR, StepLR
 
-from tests.kit import assert_same
+from tests.kit import assert_same, assert_update, tract_grad, unfold_rows
 from tract_optim import TrActOptimizer
 
 Batch = tuple[Tensor, Tensor]
@@ -66,28 +66,11 @@ def _loss(model: nn.Module, batch: Batch) -> Tensor:
     return F.cross_entropy(model(x), y)
 
 
-def _reference_grad(layer: nn.Module, x: Tensor, grad: Tensor, lam: float) -> Tensor:
-    """G·(xᵀx/r + λI)⁻¹ in float64 from explicitly unfolded rows (groups = 1, zero padding)."""
-    x64 = x.double()
-    if isinstance(layer, nn.Linear):
-        rows = x64.reshape(-1, layer.in_features)
-    else:
-        assert isinstance(layer, nn.Conv2d)
-        cols = F.unfold(
-            x64, layer.kernel_size, layer.dilation, layer.padding, layer.stride
-        )  # (B, n, L)
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    n = rows.shape[1]
-    matrix = rows.T @ rows / rows.shape[0] + lam * torch.eye(n, dtype=torch.float64)
-    g = grad.double().reshape(grad.shape[0], n)
-    return torch.linalg.solve(matrix, g.T).T.reshape(grad.shape).to(grad.dtype)
-
-
 def _apply_reference(layer: nn.Module, x: Tensor, lam: float) -> None:
     """Overwrite ``layer.weight.grad`` by its reference TrAct gradient."""
     grad = layer.weight.grad
     assert isinstance(grad, Tensor)
-    grad.copy_(_reference_grad(layer, x, grad, lam))
+    grad.copy_(tract_grad(unfold_rows(layer, x), grad, lam))
 
 
 def _reference_train(
@@ -640,9 +623,10 @@ def test_set_lam_changes_the_update_as_the_closed_form_predicts() -> None:
     _loss(model, batch).backward()
     raw = model[0].weight.grad.clone()
     opt.precondition_()
-    expected = _reference_grad(model[0], batch[0], raw, 2.5)
-    torch.testing.assert_close(model[0].weight.grad, expected, atol=ATOL, rtol=RTOL)
-    assert not torch.allclose(expected, _reference_grad(model[0], batch[0], raw, 0.1), rtol=0.1)
+    rows = unfold_rows(model[0], batch[0])
+    assert_update(model[0].weight.grad, raw, rows, 2.5)
+    expected = tract_grad(rows, raw, 2.5)
+    assert not torch.allclose(expected, tract_grad(rows, raw, 0.1), rtol=0.1)
 
 
 def test_two_param_groups_in_one_adam() -> None:

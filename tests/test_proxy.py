@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tests.kit import tract_grad
+from tests.kit import assert_update, relative_error, tract_grad, unfold_rows
 from tract_optim import TrActOptimizer
 
 LAM = 0.1
@@ -88,22 +88,18 @@ def backward(model: Net, x: Tensor) -> Tensor:
     return grad.double().clone()
 
 
-def reference_update(x: Tensor, raw: Tensor, lam: float, times: int = 1) -> Tensor:
-    """−(G · (XᵀX/r + λI)⁻¹ applied ``times`` times), in float64."""
-    rows = x.double().reshape(1, -1, x.shape[-1])
-    for _ in range(times):
-        raw = tract_grad(rows, raw, lam)
-    return -raw
+def assert_moved_by_tract(before: Tensor, model: Net, x: Tensor, raw: Tensor, lam: float) -> None:
+    """The weight moved by exactly −TrAct(raw), and that is distinguishable from TrAct off and
+    TrAct twice (what this check must be able to catch).
 
-
-def assert_update(before: Tensor, model: Net, x: Tensor, raw: Tensor, lam: float) -> None:
-    """The weight moved by exactly −TrAct(raw) (relative 1e-5), and that is distinguishable."""
-    delta = model.first.weight.detach().double() - before
-    want = reference_update(x, raw, lam)
-    scale = float(want.abs().max())
-    assert float((delta - want).abs().max()) <= 1e-5 * scale
-    for times in (0, 2):  # TrAct off, TrAct twice: what this check must be able to catch
-        assert float((reference_update(x, raw, lam, times) - want).abs().max()) > 1e-2 * scale
+    cond(M) is 127–478 on these rows, so ``assert_update``'s bound is 2e-4–9e-4: the fixed 1e-5
+    this check has always used is stricter and stays (measured errors are about 1e-6).
+    """
+    rows = unfold_rows(model.first, x)
+    assert assert_update(before - model.first.weight.detach().double(), raw, rows, lam) <= 1e-5
+    want = tract_grad(rows, raw, lam)
+    for wrong in (raw, tract_grad(rows, want, lam)):
+        assert relative_error(wrong, want) > 1e-2
 
 
 @pytest.mark.parametrize("proxy", PROXIES)
@@ -122,7 +118,7 @@ def test_precondition_then_step_preconditions_once(
     raw = backward(model, x)
     proxies[precondition_by].precondition_()
     proxies[step_by].step()
-    assert_update(before, model, x, raw, LAM)
+    assert_moved_by_tract(before, model, x, raw, LAM)
 
 
 @pytest.mark.parametrize("proxy", PROXIES)
@@ -151,7 +147,7 @@ def test_set_lam_through_proxy_reaches_the_optimizer(
     x = batch(1)
     raw = backward(model, x)
     opt.step()
-    assert_update(before, model, x, raw, NEW_LAM)
+    assert_moved_by_tract(before, model, x, raw, NEW_LAM)
 
 
 @pytest.mark.parametrize("proxy", PROXIES)
@@ -197,7 +193,7 @@ def test_clip_norm_through_proxy(proxy: Callable[[TrActOptimizer], Any]) -> None
     before = model.first.weight.detach().double().clone()
     wrapped.precondition_()
     wrapped.step()
-    tract = -reference_update(x, raw, LAM)
+    tract = tract_grad(unfold_rows(model.first, x), raw, LAM)
     norm = torch.cat([g.flatten() for g in (tract, *others)]).norm()
     assert wrapped.last_grad_norm is opt.last_grad_norm
     assert opt.last_grad_norm is not None

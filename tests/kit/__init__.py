@@ -20,10 +20,18 @@ from .reference import (
     condition,
     damped,
     relative_error,
+    stacked_rows,
     tract_grad,
     unfold_rows,
 )
-from .stack import CountingBackend, assert_same, free_port, max_abs_diff, run_workers
+from .stack import (
+    CountingBackend,
+    assert_same,
+    free_port,
+    max_abs_diff,
+    max_relative_error,
+    run_workers,
+)
 from .steps import tract_gradient
 from .strategies import draw_conv
 
@@ -42,8 +50,10 @@ __all__ = [
     "free_port",
     "linear_with",
     "max_abs_diff",
+    "max_relative_error",
     "relative_error",
     "run_workers",
+    "stacked_rows",
     "timm_like",
     "tiny_batch",
     "tiny_net",

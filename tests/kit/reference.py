@@ -3,7 +3,8 @@
 Nothing here imports ``tract_optim``:
 
 - ``unfold_rows``: a Linear's or convolution's input rows (groups, r, n) in float64, by
-  convolving with one-hot weights (padding as torch's ``_ConvNd._conv_forward`` does it).
+  convolving with one-hot weights (padding as torch's ``_ConvNd._conv_forward`` does it);
+  ``stacked_rows``: those of several passes, concatenated.
 - ``tract_grad``: the paper's Eq. 10, G·(XᵀX/r + λI)⁻¹ per group, in float64 with
   ``torch.linalg.solve`` (LU; the library uses Cholesky, directly or in Woodbury form).
 - ``condition`` and ``relative_error``: what scaled tolerances are made of. A result computed
@@ -68,6 +69,11 @@ def unfold_rows(layer: nn.Module, x: Tensor) -> Tensor:
             )
         parts.append(out.movedim(1, -1).reshape(-1, n))
     return torch.stack(parts)
+
+
+def stacked_rows(layer: nn.Module, xs: list[Tensor]) -> Tensor:
+    """``unfold_rows`` of several passes through ``layer``, concatenated: (groups, Σr, n)."""
+    return torch.cat([unfold_rows(layer, x) for x in xs], dim=1)
 
 
 def damped(rows: Tensor, lam: float) -> Tensor:

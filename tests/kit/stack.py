@@ -23,6 +23,8 @@ import torch.multiprocessing as mp
 from torch import Tensor
 from torch._dynamo.backends.registry import lookup_backend
 
+from .reference import relative_error
+
 Worker = Callable[[int, int], Any]
 
 
@@ -100,6 +102,12 @@ def max_abs_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     """Largest absolute difference between two state dicts with the same keys."""
     assert a.keys() == b.keys(), (sorted(a), sorted(b))
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def max_relative_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
+    """Largest ``relative_error`` over the entries of two state dicts with the same keys."""
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    return max(relative_error(got[k], want[k]) for k in want)
 
 
 def assert_same(a: Any, b: Any) -> None:
