@@ -4,11 +4,11 @@ Whatever precision the forward and backward ran in, the statistics and the solve
 fp32 or wider and the gradient comes back in the weight's dtype. Every TrAct gradient is checked
 against ``kit.tract_grad`` (float64 rows of the layer's input, ``torch.linalg.solve``) applied
 to the same raw gradient, by ``kit.assert_update``: within ``ERROR_PER_COND``·cond(M) =
-32·2⁻²⁴·cond(M), about 6e-6 for ``TinyNet``. Measured: 3e-7 under bf16 and fp16 autocast, while
+32·2⁻²⁴·cond(M), about 6e-6 for ``tiny_net``. Measured: 3e-7 under bf16 and fp16 autocast, while
 a Gram built from bf16-rounded inputs is off by 8e-4 (asserted to exceed the bound, so the bound
 tells the two apart).
 
-Measured drift of low-precision training from fp32 training (``kit.TinyNet``, 5 steps of
+Measured drift of low-precision training from fp32 training (``kit.tiny_net``, 5 steps of
 SGD with lr 0.05 and momentum 0.9; largest parameter difference, with parameters of size up to
 ~0.2): bf16 autocast 1.0e-2, fp16 autocast with GradScaler 3.1e-5, bf16 weights 8.7e-3.
 ``test_low_precision_training_tracks_fp32`` allows 3e-2.

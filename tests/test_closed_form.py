@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from tests.kit import assert_update, draw_conv, relative_error, tract_grad, unfold_rows
+from tests.kit import assert_update, conv_net, draw_conv, relative_error, tract_grad, unfold_rows
 from tract_optim import TrActOptimizer
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -198,10 +198,9 @@ def test_accumulated_passes_use_all_rows(batches: tuple[int, int]) -> None:
 @pytest.mark.parametrize("solve_dtype", [None, torch.float32, torch.float64])
 def test_sgd_step_moves_weight_by_tract_gradient_only(solve_dtype: torch.dtype | None) -> None:
     """Plain SGD: W moves by −η·(Eq. 10), bias and the head by −η·(their plain gradient)."""
-    torch.manual_seed(0)
     lr = 0.3
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, 3))
-    first = model[0]
+    model = conv_net(size=8, act=nn.Tanh())
+    first = model.first
     opt = TrActOptimizer(
         torch.optim.SGD(model.parameters(), lr=lr), first, 0.1, solve_dtype=solve_dtype
     )
@@ -211,13 +210,15 @@ def test_sgd_step_moves_weight_by_tract_gradient_only(solve_dtype: torch.dtype |
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
     opt.step()
     after = {name: p.detach() for name, p in model.named_parameters()}
-    raw, rows = grads["0.weight"].reshape(4, -1), unfold_rows(first, x)
+    raw, rows = grads["first.weight"].reshape(4, -1), unfold_rows(first, x)
     # The step is exactly −η times the gradient left in .grad, and that gradient is Eq. 10.
     preconditioned = first.weight.grad
-    torch.testing.assert_close(after["0.weight"], before["0.weight"] - lr * preconditioned)
+    torch.testing.assert_close(after["first.weight"], before["first.weight"] - lr * preconditioned)
     assert_update(preconditioned.reshape(4, -1), raw, rows, 0.1)
-    assert_update((after["0.weight"] - before["0.weight"]).reshape(4, -1) / -lr, raw, rows, 0.1)
-    for name in ("0.bias", "3.weight", "3.bias"):
+    assert_update(
+        (after["first.weight"] - before["first.weight"]).reshape(4, -1) / -lr, raw, rows, 0.1
+    )
+    for name in ("first.bias", "head.weight", "head.bias"):
         torch.testing.assert_close(after[name], before[name] - lr * grads[name])
 
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from tests.kit import max_abs_diff, run_workers, stacked_rows, tract_grad
+from tests.kit import TwoStem, max_abs_diff, run_workers, stacked_rows, tract_grad, two_stem
 from tract_optim import TrActOptimizer
 
 pytestmark = pytest.mark.slow
@@ -71,27 +71,17 @@ CONFIGS = {
 SHARD_ROWS = {"uneven": {"conv": (2, 1), "lin": (1, 0)}, "groups": {"conv": (3, 3), "lin": (3, 2)}}
 
 
-class TwoStem(nn.Module):
-    """Two first layers, an image convolution and a token Linear, feeding one linear head."""
-
-    def __init__(self, cfg: Config) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(
-            cfg.in_channels, cfg.out_channels, 3, stride=cfg.stride, padding=1, groups=cfg.groups
-        )
-        self.lin = nn.Linear(TOKEN_DIM, cfg.lin_out)
-        self.head = nn.Linear(cfg.out_channels + cfg.lin_out, CLASSES)
-
-    def forward(self, image: Tensor, tokens: Tensor) -> Tensor:
-        a = torch.tanh(self.conv(image)).mean(dim=(2, 3))
-        b = torch.tanh(self.lin(tokens)).mean(dim=1)
-        return self.head(torch.cat([a, b], dim=1))  # type: ignore[no-any-return]
-
-
 def make_model(cfg: Config) -> TwoStem:
     """The same initial model in every process."""
-    torch.manual_seed(0)
-    return TwoStem(cfg)
+    return two_stem(
+        channels=cfg.in_channels,
+        width=cfg.out_channels,
+        stride=cfg.stride,
+        groups=cfg.groups,
+        token_dim=TOKEN_DIM,
+        lin_out=cfg.lin_out,
+        classes=CLASSES,
+    )
 
 
 def batch(cfg: Config, step: int, rank: int, micro: int = 0) -> Batch:

@@ -21,7 +21,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.kit import CountingBackend, assert_update, stacked_rows
+from tests.kit import (
+    CountingBackend,
+    TinyNet,
+    assert_update,
+    conv_net,
+    random_batch,
+    stacked_rows,
+    token_net,
+)
 from tract_optim import TrActOptimizer
 
 LAM = 0.1
@@ -44,19 +52,13 @@ def maybe_compile(model: nn.Module, compiled: bool) -> Callable[[Tensor], Tensor
     return torch.compile(model, backend="aot_eager", fullgraph=True)  # type: ignore[return-value]
 
 
-def conv_net() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
-
-
-def token_net(n: int = 16) -> nn.Sequential:
-    """A Linear first layer on (B, tokens, n) inputs; few rows, so r < n (the Woodbury form)."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(n, 5), nn.Tanh(), nn.Flatten(), nn.Linear(10, 3))
+def token_model(n: int = 16) -> TinyNet:
+    """A Linear first layer on (B, 2 tokens, n) inputs; few rows, so r < n (the Woodbury form)."""
+    return token_net(n=n, tokens=2, width=5, act=nn.Tanh())
 
 
 def batch(shape: tuple[int, ...], seed: int) -> Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return random_batch(shape, seed)[0]
 
 
 def loss(out: Tensor) -> Tensor:
@@ -71,9 +73,9 @@ def loss(out: Tensor) -> Tensor:
 def test_scaler_skip_then_model_zero_grad(compiled: bool, set_to_none: bool) -> None:
     """README recipe (unscale_, precondition_, scaler.step) with model.zero_grad(): after a step
     the scaler skips, the next update is the TrAct update of the next batch alone."""
-    model = conv_net()
+    model = conv_net(size=4)
     run = maybe_compile(model, compiled)
-    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.first, LAM)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x1, x2 = batch((2, 3, 4, 4), 1), batch((2, 3, 4, 4), 2)
 
@@ -87,11 +89,11 @@ def test_scaler_skip_then_model_zero_grad(compiled: bool, set_to_none: bool) -> 
 
     iteration(x1, 1e38)  # the scaled loss overflows: the scaler skips this step
     assert scaler.get_scale() == 2.0**9
-    before = model[0].weight.detach().clone()
-    expected_raw = raw_grad(model, lambda m: loss(m(x2)), "0")
+    before = model.first.weight.detach().clone()
+    expected_raw = raw_grad(model, lambda m: loss(m(x2)), "first")
     iteration(x2, 1.0)
-    rows = stacked_rows(model[0], [x2])
-    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)
+    rows = stacked_rows(model.first, [x2])
+    assert_update(before - model.first.weight.detach(), expected_raw, rows, LAM)
 
 
 # --- 3: precondition_(), another backward, step() ---------------------------------------------
@@ -99,34 +101,36 @@ def test_scaler_skip_then_model_zero_grad(compiled: bool, set_to_none: bool) -> 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_backward_after_precondition_raises_before_any_change(compiled: bool) -> None:
-    model = conv_net()
+    model = conv_net(size=4)
     run = maybe_compile(model, compiled)
-    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.first, LAM)
     loss(run(batch((2, 3, 4, 4), 1))).backward()
     opt.precondition_()
     loss(run(batch((2, 3, 4, 4), 2))).backward()
     weights = [p.detach().clone() for p in model.parameters()]
-    grad = model[0].weight.grad.clone()  # type: ignore[union-attr]
+    grad = model.first.weight.grad.clone()  # type: ignore[union-attr]
     with pytest.raises(RuntimeError, match=r"first_layer\[0\].*backward pass added to the grad"):
         opt.step()
     for p, w in zip(model.parameters(), weights, strict=True):
         assert torch.equal(p, w)
-    assert torch.equal(model[0].weight.grad, grad)  # type: ignore[arg-type]
+    assert torch.equal(model.first.weight.grad, grad)  # type: ignore[arg-type]
 
 
 def test_clipping_after_precondition_is_not_a_new_gradient() -> None:
     """In-place changes that are not backward passes (clipping) keep the preconditioned mark."""
-    model = conv_net()
-    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    model = conv_net(size=4)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.first, LAM)
     x = batch((2, 3, 4, 4), 1)
-    before = model[0].weight.detach().clone()
-    raw = raw_grad(model, lambda m: loss(m(x)), "0")
+    before = model.first.weight.detach().clone()
+    raw = raw_grad(model, lambda m: loss(m(x)), "first")
     loss(model(x)).backward()
     opt.precondition_()
-    assert model[0].weight.grad is not None
-    model[0].weight.grad.mul_(0.5)  # a clip by hand
+    assert model.first.weight.grad is not None
+    model.first.weight.grad.mul_(0.5)  # a clip by hand
     opt.step()
-    assert_update(before - model[0].weight.detach(), raw * 0.5, stacked_rows(model[0], [x]), LAM)
+    assert_update(
+        before - model.first.weight.detach(), raw * 0.5, stacked_rows(model.first, [x]), LAM
+    )
 
 
 # --- 4: reused input buffers --------------------------------------------------------------------
@@ -135,30 +139,30 @@ def test_clipping_after_precondition_is_not_a_new_gradient() -> None:
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_reused_input_buffer_is_never_aliased(compiled: bool) -> None:
     """Micro-batches staged through one buffer (r < n): each pass keeps its own rows."""
-    model = token_net()
+    model = token_model()
     run = maybe_compile(model, compiled)
-    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.first, LAM)
     xs = [batch((1, 2, 16), seed) for seed in (1, 2, 3)]
     buffer = torch.empty(1, 2, 16)
-    before = model[0].weight.detach().clone()
-    expected_raw = raw_grad(model, lambda m: sum(loss(m(x)) for x in xs), "0")  # type: ignore[arg-type, return-value]
+    before = model.first.weight.detach().clone()
+    expected_raw = raw_grad(model, lambda m: sum(loss(m(x)) for x in xs), "first")  # type: ignore[arg-type, return-value]
     for x in xs:
         buffer.copy_(x)
         loss(run(buffer)).backward()
     opt.step()
-    rows = stacked_rows(model[0], xs)
-    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)
+    rows = stacked_rows(model.first, xs)
+    assert_update(before - model.first.weight.detach(), expected_raw, rows, LAM)
 
 
 # --- 5: threads ---------------------------------------------------------------------------------
 
 
 def test_passes_from_several_threads_all_count() -> None:
-    model = token_net(n=6)
-    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    model = token_model(n=6)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.first, LAM)
     xs = [batch((2, 2, 6), seed) for seed in range(24)]
-    before = model[0].weight.detach().clone()
-    expected_raw = raw_grad(model, lambda m: sum(loss(m(x)) for x in xs), "0")  # type: ignore[arg-type, return-value]
+    before = model.first.weight.detach().clone()
+    expected_raw = raw_grad(model, lambda m: sum(loss(m(x)) for x in xs), "first")  # type: ignore[arg-type, return-value]
     barrier = threading.Barrier(4)
 
     def work(part: list[Tensor]) -> None:
@@ -172,8 +176,8 @@ def test_passes_from_several_threads_all_count() -> None:
     for t in threads:
         t.join()
     opt.step()
-    rows = stacked_rows(model[0], xs)
-    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)
+    rows = stacked_rows(model.first, xs)
+    assert_update(before - model.first.weight.detach(), expected_raw, rows, LAM)
 
 
 # --- 6: autograd.grad accumulation, .grad set by hand --------------------------------------------
@@ -181,13 +185,13 @@ def test_passes_from_several_threads_all_count() -> None:
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_autograd_grad_accumulation_then_grad_by_hand(compiled: bool) -> None:
-    model = conv_net()
+    model = conv_net(size=4)
     run = maybe_compile(model, compiled)
-    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.first, LAM)
     xs = [batch((2, 3, 4, 4), seed) for seed in (1, 2, 3)]
     params = list(model.parameters())
-    before = model[0].weight.detach().clone()
-    expected_raw = raw_grad(model, lambda m: sum(loss(m(x)) for x in xs), "0")  # type: ignore[arg-type, return-value]
+    before = model.first.weight.detach().clone()
+    expected_raw = raw_grad(model, lambda m: sum(loss(m(x)) for x in xs), "first")  # type: ignore[arg-type, return-value]
     total = [torch.zeros_like(p) for p in params]
     for x in xs:
         for t, g in zip(total, torch.autograd.grad(loss(run(x)), params), strict=True):
@@ -195,8 +199,8 @@ def test_autograd_grad_accumulation_then_grad_by_hand(compiled: bool) -> None:
     for p, t in zip(params, total, strict=True):
         p.grad = t
     opt.step()
-    rows = stacked_rows(model[0], xs)
-    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)
+    rows = stacked_rows(model.first, xs)
+    assert_update(before - model.first.weight.detach(), expected_raw, rows, LAM)
 
 
 # --- 8: no O(n²) memory up front or when r < n ----------------------------------------------------
@@ -249,8 +253,8 @@ def _gram_sized_tensors(n: int) -> int:
 
 
 def test_passes_without_backward_hold_no_statistics_once_outputs_are_freed() -> None:
-    model = conv_net()
-    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    model = conv_net(size=4)
+    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.first, LAM)
     n = 27
     baseline = _gram_sized_tensors(n)
     x = batch((4, 3, 4, 4), 1)  # 64 rows ≥ 27: a Gram per pass
@@ -260,13 +264,13 @@ def test_passes_without_backward_hold_no_statistics_once_outputs_are_freed() -> 
     del out
     assert _gram_sized_tensors(n) == baseline
     # ... and the next step uses only the passes that were backpropagated.
-    before = model[0].weight.detach().clone()
+    before = model.first.weight.detach().clone()
     x2 = batch((2, 3, 4, 4), 2)
-    expected_raw = raw_grad(model, lambda m: loss(m(x2)), "0")
+    expected_raw = raw_grad(model, lambda m: loss(m(x2)), "first")
     loss(model(x2)).backward()
     opt.step()
-    rows = stacked_rows(model[0], [x2])
-    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)
+    rows = stacked_rows(model.first, [x2])
+    assert_update(before - model.first.weight.detach(), expected_raw, rows, LAM)
 
 
 # --- 10: keyword call ---------------------------------------------------------------------------
@@ -294,20 +298,20 @@ def test_keyword_input_call(compiled: bool) -> None:
 
 
 def test_second_optimizer_takes_over_and_the_first_refuses_to_step() -> None:
-    model = conv_net()
-    old = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+    model = conv_net(size=4)
+    old = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.first, LAM)
     with pytest.warns(UserWarning, match="already preconditioned by another TrActOptimizer"):
-        new = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model[0], LAM)
+        new = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.first, LAM)
     x = batch((2, 3, 4, 4), 1)
-    before = model[0].weight.detach().clone()
-    expected_raw = raw_grad(model, lambda m: loss(m(x)), "0")
+    before = model.first.weight.detach().clone()
+    expected_raw = raw_grad(model, lambda m: loss(m(x)), "first")
     loss(model(x)).backward()
     with pytest.raises(RuntimeError, match=r"first_layer\[0\].*newer TrActOptimizer took over"):
         old.step()
-    assert torch.equal(model[0].weight, before)
+    assert torch.equal(model.first.weight, before)
     new.step()
-    rows = stacked_rows(model[0], [x])
-    assert_update(before - model[0].weight.detach(), expected_raw, rows, LAM)  # G·M⁻¹, not G·M⁻²
+    rows = stacked_rows(model.first, [x])
+    assert_update(before - model.first.weight.detach(), expected_raw, rows, LAM)  # G·M⁻¹, not G·M⁻²
 
 
 # --- 12: varying input sizes under compile ---------------------------------------------------
@@ -318,11 +322,11 @@ def test_varying_batch_sizes_cost_at_most_one_more_graph(kind: str) -> None:
     graphs = []
     for with_tract in (False, True):
         torch._dynamo.reset()
-        model = conv_net() if kind == "conv" else token_net(n=24)
+        model = conv_net(size=4) if kind == "conv" else token_model(n=24)
         backend = CountingBackend()
         run = torch.compile(model, backend=backend)
         opt = (
-            TrActOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model[0])
+            TrActOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model.first)
             if with_tract
             else None
         )
@@ -356,18 +360,13 @@ class PosEmbed(nn.Module):
         return self.head(z.flatten(1))  # type: ignore[no-any-return]
 
 
-def inplace_relu_net() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(64, 3)
-    )
-
-
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kind", ["pos_add_", "relu_inplace"])
 def test_inplace_op_on_output(kind: str, compiled: bool) -> None:
-    model: nn.Module = PosEmbed() if kind == "pos_add_" else inplace_relu_net()
-    first = "proj" if kind == "pos_add_" else "0"
+    model: nn.Module = (
+        PosEmbed() if kind == "pos_add_" else conv_net(size=4, act=nn.ReLU(inplace=True))
+    )
+    first = "proj" if kind == "pos_add_" else "first"
     layer = model.get_submodule(first)
     run = maybe_compile(model, compiled)
     opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), layer, LAM)

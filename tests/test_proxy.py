@@ -21,7 +21,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tests.kit import assert_update, relative_error, tract_grad, unfold_rows
+from tests.kit import (
+    TinyNet,
+    assert_update,
+    random_batch,
+    relative_error,
+    token_net,
+    tract_grad,
+    unfold_rows,
+)
 from tract_optim import TrActOptimizer
 
 LAM = 0.1
@@ -56,31 +64,21 @@ class DictCopy:
 PROXIES: list[Callable[[TrActOptimizer], Any]] = [Forwarding, DictCopy]
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Linear(5, 4)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.tanh(self.first(x)))  # type: ignore[no-any-return]
-
-
-def setup(lam: float = LAM, **tract: Any) -> tuple[Net, TrActOptimizer]:
-    """SGD with lr 1 and no momentum: a step moves the first weight by exactly −gradient."""
-    torch.manual_seed(0)
-    model = Net()
+def setup(lam: float = LAM, **tract: Any) -> tuple[TinyNet, TrActOptimizer]:
+    """A Linear(5 → 4) first layer under SGD with lr 1 and no momentum: a step moves the first
+    weight by exactly −gradient."""
+    model = token_net(n=5, width=4, act=nn.Tanh())
     return model, TrActOptimizer(
         torch.optim.SGD(model.parameters(), lr=1.0), model.first, lam, **tract
     )
 
 
 def batch(seed: int) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(6, 5, generator=gen) * torch.tensor([0.2, 0.5, 1.0, 2.0, 3.0])
+    """6 rows whose 5 features have very different scales."""
+    return random_batch((6, 5), seed, scale=torch.tensor([0.2, 0.5, 1.0, 2.0, 3.0]))[0]
 
 
-def backward(model: Net, x: Tensor) -> Tensor:
+def backward(model: TinyNet, x: Tensor) -> Tensor:
     """Backward of a fixed loss; returns the raw first-layer gradient (float64 copy)."""
     model(x).pow(2).sum().backward()
     grad = model.first.weight.grad
@@ -88,7 +86,9 @@ def backward(model: Net, x: Tensor) -> Tensor:
     return grad.double().clone()
 
 
-def assert_moved_by_tract(before: Tensor, model: Net, x: Tensor, raw: Tensor, lam: float) -> None:
+def assert_moved_by_tract(
+    before: Tensor, model: TinyNet, x: Tensor, raw: Tensor, lam: float
+) -> None:
     """The weight moved by exactly −TrAct(raw), and that is distinguishable from TrAct off and
     TrAct twice (what this check must be able to catch).
 
@@ -155,8 +155,7 @@ def test_load_state_dict_through_proxy_reaches_the_optimizer(
     proxy: Callable[[TrActOptimizer], Any],
 ) -> None:
     """λ and the inner state (SGD momentum) loaded through a proxy are the real optimizer's."""
-    torch.manual_seed(0)
-    source = Net()
+    source = token_net(n=5, width=4, act=nn.Tanh())
     saved_opt = TrActOptimizer(
         torch.optim.SGD(source.parameters(), lr=0.5, momentum=0.9), source.first, NEW_LAM
     )

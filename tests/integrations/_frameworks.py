@@ -32,7 +32,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from tests.kit import max_relative_error, stacked_rows, tract_grad
+from tests.kit import (
+    TinyNet,
+    conv_net,
+    max_relative_error,
+    random_batch,
+    stacked_rows,
+    tract_grad,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "scripts" / "examples"
 #: Largest error allowed, relative to the largest entry of the expected gradient.
@@ -57,37 +64,24 @@ def import_example(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
-class TinyNet(nn.Module):
-    """Conv2d(2 → 4, 3×3, padding 1) as ``conv1`` on 2×5×5 images, ReLU, a linear head."""
-
-    def __init__(self, classes: int = 3) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.head = nn.Linear(4 * 5 * 5, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.relu(self.conv1(x)).flatten(1))  # type: ignore[no-any-return]
-
-
-def tiny_net(seed: int = 0) -> TinyNet:
-    """A seeded ``TinyNet`` whose head starts 3× larger than torch's default.
+def framework_net(seed: int = 0) -> TinyNet:
+    """``kit.conv_net`` on 2×5×5 images, its first layer named ``conv1`` (as in the example
+    scripts), with a head 3× larger than torch's default.
 
     That makes the first layer's gradient a large part of the total gradient norm, so clipping
     before or after TrAct gives visibly different updates.
     """
-    torch.manual_seed(seed)
-    net = TinyNet()
+    net = conv_net(channels=2, size=5, first_name="conv1", seed=seed)
     with torch.no_grad():
         net.head.weight.mul_(3)
     return net
 
 
-def tiny_data(count: int, seed: int = 1, classes: int = 3) -> tuple[Tensor, Tensor]:
+def framework_data(count: int, seed: int = 1) -> tuple[Tensor, Tensor]:
     """``count`` images (2×5×5) whose two channels have very different scales, and labels."""
-    gen = torch.Generator().manual_seed(seed)
-    scales = torch.tensor(INPUT_SCALES).reshape(1, 2, 1, 1)
-    x = torch.randn(count, 2, 5, 5, generator=gen) * scales
-    return x, torch.randint(0, classes, (count,), generator=gen)
+    return random_batch(
+        (count, 2, 5, 5), seed, scale=torch.tensor(INPUT_SCALES).reshape(1, 2, 1, 1)
+    )
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """TrAct with real Hugging Face Accelerate (CPU): every inner step against the float64 reference.
 
 The training loop is ``scripts/examples/accelerate_example.py``'s ``train_epoch`` (the README's
-Accelerate block); the model is ``TinyNet`` on data whose channels have very different scales, so
-that TrAct, TrAct twice and no TrAct differ by far more than the tolerance (``check_step``).
+Accelerate block); the model is ``framework_net`` on data whose channels have very different
+scales, so that TrAct, TrAct twice and no TrAct differ by far more than the tolerance
+(``check_step``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from tests.integrations._frameworks import (
     UpdateRecorder,
     check_step,
+    framework_data,
+    framework_net,
     import_example,
     require,
-    tiny_data,
-    tiny_net,
 )
 from tract_optim import TrActOptimizer
 
@@ -45,7 +46,7 @@ def fresh_accelerator_state() -> Iterator[None]:
 
 
 def loader(batches: int, batch: int = BATCH) -> DataLoader[Any]:
-    x, y = tiny_data(batches * batch)
+    x, y = framework_data(batches * batch)
     return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
 
 
@@ -61,7 +62,7 @@ def check_all(recorder: UpdateRecorder, lam: float = LAM, clip: float | None = N
 @pytest.mark.parametrize("order", ["optimizer, then prepare all", "prepare model first"])
 def test_prepare_before_and_after_creating_the_optimizer(order: str) -> None:
     accelerator = accelerate.Accelerator(cpu=True)
-    model = tiny_net()
+    model = framework_net()
     recorder = UpdateRecorder(model)
     if order == "prepare model first":
         model = accelerator.prepare(model)
@@ -84,7 +85,7 @@ def test_prepare_before_and_after_creating_the_optimizer(order: str) -> None:
 
 def accumulated_run(accumulate: int, batch: int, clip: float | None = None) -> UpdateRecorder:
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
-    model = tiny_net()
+    model = framework_net()
     recorder = UpdateRecorder(model)
     sgd = torch.optim.SGD(model.parameters(), lr=LR)
     opt = TrActOptimizer(sgd, model.conv1, LAM, clip_grad_norm=clip)
@@ -121,7 +122,7 @@ def test_precondition_then_accelerator_clip_grad_norm() -> None:
     that went into ``prepare`` (here ``tract``; ``opt.optimizer`` is the same object).
     """
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
-    model = tiny_net()
+    model = framework_net()
     recorder = UpdateRecorder(model)
     tract = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model.conv1, LAM)
     recorder.watch(tract.optimizers)
@@ -144,7 +145,7 @@ def run_state(
 ) -> tuple[Any, tuple[float, ...], UpdateRecorder]:
     """Train ``epochs`` epochs; optionally save after ``save_after`` of them or load first."""
     accelerator = accelerate.Accelerator(cpu=True)
-    model = tiny_net(seed)
+    model = framework_net(seed)
     recorder = UpdateRecorder(model)
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     opt = TrActOptimizer(sgd, model.conv1, LAM, clip_grad_norm=CLIP)

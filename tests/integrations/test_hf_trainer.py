@@ -1,8 +1,8 @@
 """TrAct in the real Hugging Face ``transformers`` Trainer (CPU), against the float64 reference.
 
 The model wrapper, dataset format and ``tract_optimizers`` come from
-``scripts/examples/hf_trainer_example.py`` (the README's Trainer block); the network is ``TinyNet``
-(randomly initialised) on data whose channels have very different scales.
+``scripts/examples/hf_trainer_example.py`` (the README's Trainer block); the network is
+``framework_net`` (randomly initialised) on data whose channels have very different scales.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from tests.integrations._frameworks import (
     UpdateRecorder,
     check_step,
     expected,
+    framework_data,
+    framework_net,
     import_example,
     require,
-    tiny_data,
-    tiny_net,
 )
 from tests.kit import max_relative_error
 from tract_optim import TrActOptimizer
@@ -55,7 +55,7 @@ def train(
     **overrides: Any,
 ) -> tuple[Any, Any, UpdateRecorder]:
     """A Trainer run on 16 examples; returns the model, the optimizer passed in, the record."""
-    model = example.Classifier(tiny_net(seed))
+    model = example.Classifier(framework_net(seed))
     recorder = UpdateRecorder(model.net)
     steps = overrides.setdefault("max_steps", 2)
     callbacks = []
@@ -70,7 +70,7 @@ def train(
     trainer = transformers.Trainer(
         model=model,
         args=arguments(out, **overrides),
-        train_dataset=example.examples(*tiny_data(16)),
+        train_dataset=example.examples(*framework_data(16)),
         optimizers=(opt, sched),
         callbacks=callbacks,
     )

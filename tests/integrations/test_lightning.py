@@ -1,8 +1,9 @@
 """TrAct in real PyTorch Lightning (CPU): every inner step against the float64 reference.
 
 The module under test is ``scripts/examples/lightning_example.py``'s ``TrActClassifier`` (the
-README's Lightning block), on ``TinyNet`` and data whose channels have very different scales, so
-that TrAct, TrAct twice and no TrAct differ by far more than the tolerance (``check_step``).
+README's Lightning block), on ``framework_net`` and data whose channels have very different
+scales, so that TrAct, TrAct twice and no TrAct differ by far more than the tolerance
+(``check_step``).
 Lightning hands user code a ``LightningOptimizer`` proxy (``self.optimizers()``) and hooks the
 real optimizer; both paths are exercised.
 """
@@ -22,10 +23,10 @@ from tests.integrations._frameworks import (
     UpdateRecorder,
     check_step,
     expected,
+    framework_data,
+    framework_net,
     import_example,
     require,
-    tiny_data,
-    tiny_net,
 )
 from tests.kit import max_relative_error
 from tract_optim import TrActOptimizer
@@ -46,7 +47,7 @@ ERRORS: dict[str, float] = {}
 
 
 def loader(count: int = 3 * BATCH) -> DataLoader[tuple[Tensor, ...]]:
-    x, y = tiny_data(count)
+    x, y = framework_data(count)
     return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
 
 
@@ -78,7 +79,9 @@ def fit(
 
 
 def classifier(momentum: float = 0.0, clip: float | None = None, steps: int = 3) -> Any:
-    return example.TrActClassifier(tiny_net(), steps=steps, lr=LR, momentum=momentum, clip=clip)
+    return example.TrActClassifier(
+        framework_net(), steps=steps, lr=LR, momentum=momentum, clip=clip
+    )
 
 
 def check_all(
@@ -140,7 +143,7 @@ def test_gradient_clipping_recipes_clip_the_tract_gradient(recipe: str, tmp_path
             "hook via proxy": PreconditionThroughProxy,
             "configure_gradient_clipping": PreconditionInClipping,
         }[recipe]
-        module = kind(tiny_net(), steps=3, lr=LR, momentum=0.0, clip=None)
+        module = kind(framework_net(), steps=3, lr=LR, momentum=0.0, clip=None)
         _, recorder = fit(module, tmp_path, gradient_clip_val=CLIP)
     ERRORS[f"clipping: {recipe}"] = check_all(recorder, [LAM] * 3, CLIP)
 
@@ -186,7 +189,7 @@ class Manual(example.TrActClassifier):  # type: ignore[misc]
 
 
 def test_manual_optimization_precondition_and_clip_gradients(tmp_path: Path) -> None:
-    module = Manual(tiny_net(), steps=3, lr=LR, momentum=0.0, clip=None)
+    module = Manual(framework_net(), steps=3, lr=LR, momentum=0.0, clip=None)
     _, recorder = fit(module, tmp_path)
     ERRORS["manual optimization"] = check_all(recorder, [LAM] * 3, CLIP)
 
@@ -210,7 +213,7 @@ class LamSchedule(example.TrActClassifier):  # type: ignore[misc]
 
 
 def test_set_lam_and_load_state_dict_from_hooks(tmp_path: Path) -> None:
-    module = LamSchedule(tiny_net(), steps=3, lr=LR, momentum=0.0, clip=None)
+    module = LamSchedule(framework_net(), steps=3, lr=LR, momentum=0.0, clip=None)
     trainer, recorder = fit(module, tmp_path)
     ERRORS["set_lam from a hook"] = check_all(recorder, [START_LAM / 2**k for k in range(3)])
     assert trainer.optimizers[0].lams == (START_LAM / 8,)
@@ -222,14 +225,14 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
     λ changes every step and SGD has momentum, so a resume that lost either would differ.
     """
     steps = 6
-    whole = LamSchedule(tiny_net(), steps=steps, lr=LR, momentum=0.9, clip=CLIP)
+    whole = LamSchedule(framework_net(), steps=steps, lr=LR, momentum=0.9, clip=CLIP)
     fit(whole, tmp_path / "whole", max_epochs=2)
 
-    first = LamSchedule(tiny_net(), steps=steps, lr=LR, momentum=0.9, clip=CLIP)
+    first = LamSchedule(framework_net(), steps=steps, lr=LR, momentum=0.9, clip=CLIP)
     trainer, _ = fit(first, tmp_path / "first")
     ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(ckpt)
-    resumed = LamSchedule(tiny_net(seed=5), steps=steps, lr=LR, momentum=0.9, clip=CLIP)
+    resumed = LamSchedule(framework_net(seed=5), steps=steps, lr=LR, momentum=0.9, clip=CLIP)
     trainer, recorder = fit(resumed, tmp_path / "resumed", max_epochs=2, ckpt_path=str(ckpt))
     assert trainer.optimizers[0].lams == (START_LAM / 2**steps,)
     lams = [START_LAM / 2**k for k in range(3, steps)]
@@ -239,7 +242,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
     ):
         assert torch.equal(a, b), name
     # A resume that lost λ would have gone elsewhere: redo it with λ reset and compare.
-    lost = LamSchedule(tiny_net(seed=5), steps=steps, lr=LR, momentum=0.9, clip=CLIP)
+    lost = LamSchedule(framework_net(seed=5), steps=steps, lr=LR, momentum=0.9, clip=CLIP)
     ckpt_state = torch.load(ckpt, weights_only=False)
     ckpt_state["optimizer_states"][0]["tract"]["lam"] = [LAM]
     torch.save(ckpt_state, tmp_path / "lost.ckpt")

@@ -33,8 +33,8 @@ from tests.integrations._frameworks import (
     UpdateRecorder,
     check_step,
     expected,
-    tiny_data,
-    tiny_net,
+    framework_data,
+    framework_net,
 )
 from tests.kit import max_relative_error
 from tract_optim import TrActOptimizer
@@ -137,11 +137,11 @@ def train(
     split: bool, clip: float | None, accumulate: int, timm_clip: float | None = None
 ) -> UpdateRecorder:
     """STEPS updates of ``accumulate`` fp16-autocast micro-batches, as timm's train.py runs them."""
-    model = tiny_net()
+    model = framework_net()
     opt, sched, scaler, ema = build(model, split, clip)
     recorder = UpdateRecorder(model, scaler=scaler._scaler)
     recorder.watch(opt.optimizers)
-    loader = DataLoader(TensorDataset(*tiny_data(4 * STEPS * accumulate)), batch_size=4)
+    loader = DataLoader(TensorDataset(*framework_data(4 * STEPS * accumulate)), batch_size=4)
     device = torch.device("cpu")
     num_updates = 0
     for step, (x, y) in enumerate(loader):

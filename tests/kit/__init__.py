@@ -10,7 +10,17 @@
 """
 
 from . import timm_like
-from .nets import TinyNet, linear_with, tiny_batch, tiny_net
+from .nets import (
+    TinyNet,
+    TwoStem,
+    conv_net,
+    linear_with,
+    random_batch,
+    tiny_batch,
+    tiny_net,
+    token_net,
+    two_stem,
+)
 from .reference import (
     ERROR_PER_COND,
     U32,
@@ -41,23 +51,28 @@ __all__ = [
     "U64",
     "CountingBackend",
     "TinyNet",
+    "TwoStem",
     "assert_fp32_gram",
     "assert_same",
     "assert_update",
     "condition",
+    "conv_net",
     "damped",
     "draw_conv",
     "free_port",
     "linear_with",
     "max_abs_diff",
     "max_relative_error",
+    "random_batch",
     "relative_error",
     "run_workers",
     "stacked_rows",
     "timm_like",
     "tiny_batch",
     "tiny_net",
+    "token_net",
     "tract_grad",
     "tract_gradient",
+    "two_stem",
     "unfold_rows",
 ]
