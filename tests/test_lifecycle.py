@@ -1,11 +1,11 @@
 """Statistics belong to the gradient they precondition: the loops people really write.
 
-Each test trains with ``SGD(lr=1)`` (no momentum), so the first layer's weight moves by exactly
-minus the gradient the inner optimizer saw, and compares that move with TrAct written out in
-float64 (``kit.assert_update``) over exactly the passes whose backward produced the
-gradient. Raw gradients come from a twin model without TrAct, and rows from ``kit.stacked_rows``
-(not the library's unfold). Where ``torch.compile`` applies, eager and compiled runs
-are both checked against the same reference.
+Each test trains with ``SGD(lr=1)`` (no momentum, or its known buffer subtracted), so the first
+layer's weight moves by exactly minus the gradient the inner optimizer saw, and compares that move
+with TrAct written out in float64 (``kit.assert_update``) over exactly the passes whose backward
+produced the gradient. Raw gradients come from a twin model without TrAct, and rows from
+``kit.stacked_rows`` (not the library's unfold). Where ``torch.compile`` applies, eager and
+compiled runs are both checked against the same reference.
 """
 
 from __future__ import annotations
@@ -14,21 +14,29 @@ import copy
 import gc
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.kit import (
     CountingBackend,
     TinyNet,
+    assert_same,
     assert_update,
     conv_net,
     random_batch,
+    relative_error,
     stacked_rows,
+    tiny_batch,
+    tiny_net,
     token_net,
+    tract_grad,
+    unfold_rows,
 )
 from tract_optim import TrActOptimizer
 
@@ -65,35 +73,101 @@ def loss(out: Tensor) -> Tensor:
     return (out * torch.linspace(-1, 1, out.shape[-1])).sum()
 
 
-# --- 1, 2: GradScaler skip, then model.zero_grad() ------------------------------------------------
+# --- 1, 2: a step GradScaler skips, whoever clears the gradients -------------------------------
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("set_to_none", [True, False])
-def test_scaler_skip_then_model_zero_grad(compiled: bool, set_to_none: bool) -> None:
-    """README recipe (unscale_, precondition_, scaler.step) with model.zero_grad(): after a step
-    the scaler skips, the next update is the TrAct update of the next batch alone."""
-    model = conv_net(size=4)
-    run = maybe_compile(model, compiled)
-    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.first, LAM)
+@dataclass(frozen=True)
+class SkipCase:
+    """One way to write the loop around a step that GradScaler skips."""
+
+    clear: str  # "opt": opt.zero_grad(); "model": model.zero_grad(set_to_none=...)
+    set_to_none: bool  # for "model"
+    clear_first: bool  # clear at the start of every iteration (else at its end)
+    overflow: str  # what is not finite: the scaled "loss", a "head" or a "first" gradient entry
+    recipe: bool  # scaler.unscale_(opt) and opt.precondition_() before scaler.step(opt)
+    compiled: bool = False
+    autocast: torch.dtype | None = None
+
+
+SKIP_CASES = {
+    "opt.zero_grad first": SkipCase("opt", True, True, "head", False),
+    "opt.zero_grad last": SkipCase("opt", True, False, "head", False),
+    "model.zero_grad first": SkipCase("model", True, True, "head", False),
+    "recipe, model.zero_grad last": SkipCase("model", True, False, "loss", True),
+    "recipe, model.zero_grad(set_to_none=False) last": SkipCase(
+        "model", False, False, "loss", True
+    ),
+    "recipe, model.zero_grad last, compiled": SkipCase("model", True, False, "loss", True, True),
+    "recipe, model.zero_grad(set_to_none=False) last, compiled": SkipCase(
+        "model", False, False, "loss", True, True
+    ),
+    "fp16 autocast, opt.zero_grad first": SkipCase(
+        "opt", True, True, "first", False, autocast=torch.float16
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SKIP_CASES.values(), ids=SKIP_CASES.keys())
+def test_step_skipped_by_grad_scaler_changes_nothing_and_leaves_no_statistics(
+    case: SkipCase,
+) -> None:
+    """A good step, a step the scaler skips (weights and optimizer state stay exactly as they
+    were), then a step whose update is the TrAct update of its own batch alone, in float64 (SGD,
+    lr 1, momentum 0.9: the move minus 0.9 × the old momentum buffer). The skipped batch is 5×
+    larger, so its rows leaking into that update would show."""
+    model = tiny_net()
+    run = maybe_compile(model, case.compiled)
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    opt = TrActOptimizer(sgd, model.first, LAM)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x1, x2 = batch((2, 3, 4, 4), 1), batch((2, 3, 4, 4), 2)
 
-    def iteration(x: Tensor, factor: float) -> None:
-        scaler.scale(loss(run(x)) * factor).backward()
-        scaler.unscale_(opt)
-        opt.precondition_()
+    def clear() -> None:
+        if case.clear == "opt":
+            opt.zero_grad()
+        else:
+            model.zero_grad(set_to_none=case.set_to_none)
+
+    def scaled_loss(m: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, overflow: bool) -> Tensor:
+        dtype, enabled = case.autocast or torch.bfloat16, case.autocast is not None
+        with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+            loss = F.cross_entropy(m(x), y)
+        return scaler.scale(loss * (1e38 if overflow and case.overflow == "loss" else 1.0))
+
+    def iteration(x: Tensor, y: Tensor, overflow: bool = False) -> None:
+        if case.clear_first:
+            clear()
+        scaled_loss(run, x, y, overflow).backward()
+        if overflow and case.overflow == "head":
+            model.head.weight.grad[0, 0] = float("inf")  # type: ignore[index]
+        elif overflow and case.overflow == "first":
+            model.first.weight.grad[0].fill_(float("inf"))  # type: ignore[index]
+        if case.recipe:
+            scaler.unscale_(opt)
+            opt.precondition_()
         scaler.step(opt)
         scaler.update()
-        model.zero_grad(set_to_none=set_to_none)
+        if not case.clear_first:
+            clear()
 
-    iteration(x1, 1e38)  # the scaled loss overflows: the scaler skips this step
-    assert scaler.get_scale() == 2.0**9
-    before = model.first.weight.detach().clone()
-    expected_raw = raw_grad(model, lambda m: loss(m(x2)), "first")
-    iteration(x2, 1.0)
-    rows = stacked_rows(model.first, [x2])
-    assert_update(before - model.first.weight.detach(), expected_raw, rows, LAM)
+    iteration(*tiny_batch(0))
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    skipped = tiny_batch(1, scale=5.0)
+    iteration(*skipped, overflow=True)
+    assert scaler.get_scale() == 2.0**9, "the step was not skipped"
+    assert_same(model.state_dict(), weights)
+    assert_same(opt.state_dict(), state)
+
+    x, y = tiny_batch(2)
+    scale = scaler.get_scale()
+    raw = raw_grad(model, lambda m: scaled_loss(m, x, y, False), "first") / scale
+    before = model.first.weight.detach().double()
+    momentum = opt.state[model.first.weight]["momentum_buffer"].double()
+    iteration(x, y)
+    moved = before - model.first.weight.detach().double() - 0.9 * momentum
+    rows = unfold_rows(model.first, x)
+    assert_update(moved, raw, rows, LAM)
+    leaked = torch.cat([unfold_rows(model.first, skipped[0]), rows], dim=1)
+    assert relative_error(tract_grad(leaked, raw, LAM), tract_grad(rows, raw, LAM)) > 1e-2
 
 
 # --- 3: precondition_(), another backward, step() ---------------------------------------------
@@ -114,23 +188,6 @@ def test_backward_after_precondition_raises_before_any_change(compiled: bool) ->
     for p, w in zip(model.parameters(), weights, strict=True):
         assert torch.equal(p, w)
     assert torch.equal(model.first.weight.grad, grad)  # type: ignore[arg-type]
-
-
-def test_clipping_after_precondition_is_not_a_new_gradient() -> None:
-    """In-place changes that are not backward passes (clipping) keep the preconditioned mark."""
-    model = conv_net(size=4)
-    opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.first, LAM)
-    x = batch((2, 3, 4, 4), 1)
-    before = model.first.weight.detach().clone()
-    raw = raw_grad(model, lambda m: loss(m(x)), "first")
-    loss(model(x)).backward()
-    opt.precondition_()
-    assert model.first.weight.grad is not None
-    model.first.weight.grad.mul_(0.5)  # a clip by hand
-    opt.step()
-    assert_update(
-        before - model.first.weight.detach(), raw * 0.5, stacked_rows(model.first, [x]), LAM
-    )
 
 
 # --- 4: reused input buffers --------------------------------------------------------------------
