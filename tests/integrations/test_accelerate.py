@@ -25,6 +25,7 @@ from tests.integrations._frameworks import (
     import_example,
     require,
 )
+from tests.kit import ErrorLog
 from tract_optim import TrActOptimizer
 
 accelerate = require("accelerate")
@@ -34,7 +35,6 @@ BATCH = 4
 LR = 0.5
 LAM = 0.1
 CLIP = 0.05
-ERRORS: dict[str, float] = {}
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +60,7 @@ def check_all(recorder: UpdateRecorder, lam: float = LAM, clip: float | None = N
 
 
 @pytest.mark.parametrize("order", ["optimizer, then prepare all", "prepare model first"])
-def test_prepare_before_and_after_creating_the_optimizer(order: str) -> None:
+def test_prepare_before_and_after_creating_the_optimizer(order: str, error_log: ErrorLog) -> None:
     accelerator = accelerate.Accelerator(cpu=True)
     model = framework_net()
     recorder = UpdateRecorder(model)
@@ -80,7 +80,7 @@ def test_prepare_before_and_after_creating_the_optimizer(order: str) -> None:
     recorder.watch(tract.optimizers)
     example.train_epoch(accelerator, model, opt, sched, data)
     assert [step.lr for step in recorder.steps] == [LR, LR / 2, LR / 4]
-    ERRORS[f"prepare ({order})"] = check_all(recorder)
+    error_log.record(f"accelerate prepare ({order})", check_all(recorder))
 
 
 def accumulated_run(accumulate: int, batch: int, clip: float | None = None) -> UpdateRecorder:
@@ -96,11 +96,11 @@ def accumulated_run(accumulate: int, batch: int, clip: float | None = None) -> U
     return recorder
 
 
-def test_accumulate_equals_the_big_batch() -> None:
+def test_accumulate_equals_the_big_batch(error_log: ErrorLog) -> None:
     """Two micro-batches of 4 per step == one batch of 8, and both match the reference."""
     small = accumulated_run(accumulate=2, batch=4)
     assert [len(step.inputs) for step in small.steps] == [2]
-    ERRORS["accumulate(), 2 micro-batches"] = check_all(small)
+    error_log.record("accelerate accumulate(), 2 micro-batches", check_all(small))
     accelerate.state.GradientState._reset_state()
     big = accumulated_run(accumulate=1, batch=8)
     scale = float(big.model.conv1.weight.detach().abs().max())
@@ -108,14 +108,14 @@ def test_accumulate_equals_the_big_batch() -> None:
         assert float((a - b).detach().abs().max()) <= 1e-6 * scale
 
 
-def test_clip_grad_norm_option_with_accumulation() -> None:
+def test_clip_grad_norm_option_with_accumulation(error_log: ErrorLog) -> None:
     """The recommended recipe: TrActOptimizer clips the TrAct gradient inside step()."""
     recorder = accumulated_run(accumulate=2, batch=2, clip=CLIP)
     assert [len(step.inputs) for step in recorder.steps] == [2, 2]
-    ERRORS["clip_grad_norm= with accumulate()"] = check_all(recorder, clip=CLIP)
+    error_log.record("accelerate clip_grad_norm= with accumulate()", check_all(recorder, clip=CLIP))
 
 
-def test_precondition_then_accelerator_clip_grad_norm() -> None:
+def test_precondition_then_accelerator_clip_grad_norm(error_log: ErrorLog) -> None:
     """The other recipe: precondition on the sync step, then accelerator.clip_grad_norm_.
 
     ``AcceleratedOptimizer`` does not forward ``precondition_``: call it on the TrActOptimizer
@@ -137,7 +137,9 @@ def test_precondition_then_accelerator_clip_grad_norm() -> None:
             opt.step()
             opt.zero_grad()
     assert len(recorder.steps) == 2
-    ERRORS["precondition_ + accelerator.clip_grad_norm_"] = check_all(recorder, clip=CLIP)
+    error_log.record(
+        "accelerate precondition_ + accelerator.clip_grad_norm_", check_all(recorder, clip=CLIP)
+    )
 
 
 def run_state(
@@ -166,7 +168,7 @@ def run_state(
     return accelerator.unwrap_model(model), lams, recorder
 
 
-def test_save_state_load_state_continues_exactly(tmp_path: Path) -> None:
+def test_save_state_load_state_continues_exactly(tmp_path: Path, error_log: ErrorLog) -> None:
     """Save after epoch 1 of 2; a fresh model and optimizer load it and do epoch 2 identically.
 
     λ was set to 0.03 before training: a load that did not restore it would use 0.1.
@@ -176,12 +178,6 @@ def test_save_state_load_state_continues_exactly(tmp_path: Path) -> None:
     assert lams == (0.03,)
     conv = recorder.model.conv1
     error = max(check_step(step, conv, 0.03, CLIP) for step in recorder.steps)
-    ERRORS["after load_state"] = error
+    error_log.record("accelerate after load_state", error)
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
-
-
-def test_report_errors() -> None:
-    """Print the measured errors (run with -s to see them)."""
-    for what, error in ERRORS.items():
-        print(f"accelerate {what}: max relative error {error:.2e}")

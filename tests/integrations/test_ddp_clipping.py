@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tests.integrations._frameworks import Step, check_step, expected, framework_data, framework_net
-from tests.kit import run_workers
+from tests.kit import ErrorLog, run_workers
 from tract_optim import TrActOptimizer
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def worker(rank: int, world: int) -> list[dict[str, torch.Tensor]]:
     return received
 
 
-def test_clip_grad_norm_under_ddp_matches_the_global_batch() -> None:
+def test_clip_grad_norm_under_ddp_matches_the_global_batch(error_log: ErrorLog) -> None:
     results = run_workers(worker, WORLD)
     errors = []
     model = framework_net(seed=0).double()
@@ -70,4 +70,4 @@ def test_clip_grad_norm_under_ddp_matches_the_global_batch() -> None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.sub_(LR * want[name])
-    print(f"ddp clip_grad_norm=: max relative error {max(errors):.2e}")
+    error_log.record("ddp clip_grad_norm=", max(errors))

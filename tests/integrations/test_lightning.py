@@ -28,7 +28,7 @@ from tests.integrations._frameworks import (
     import_example,
     require,
 )
-from tests.kit import max_relative_error
+from tests.kit import ErrorLog, max_relative_error
 from tract_optim import TrActOptimizer
 
 L = require("lightning")
@@ -43,7 +43,6 @@ BATCH = 4
 LR = 0.5
 LAM = 0.1
 CLIP = 0.05
-ERRORS: dict[str, float] = {}
 
 
 def loader(count: int = 3 * BATCH) -> DataLoader[tuple[Tensor, ...]]:
@@ -97,10 +96,10 @@ def check_all(
     return max(errors)
 
 
-def test_automatic_with_scheduler_dict(tmp_path: Path) -> None:
+def test_automatic_with_scheduler_dict(tmp_path: Path, error_log: ErrorLog) -> None:
     """Three steps; the lr follows the per-step cosine schedule of the scheduler dict."""
     _, recorder = fit(classifier(), tmp_path)
-    ERRORS["automatic"] = check_all(recorder, [LAM] * 3)
+    error_log.record("lightning automatic", check_all(recorder, [LAM] * 3))
     cosine = [LR * (1 + torch.cos(torch.tensor(k * torch.pi / 3)).item()) / 2 for k in range(3)]
     assert [s.lr for s in recorder.steps] == pytest.approx(cosine, rel=1e-6)
 
@@ -134,7 +133,9 @@ class PreconditionInClipping(example.TrActClassifier):  # type: ignore[misc]
 @pytest.mark.parametrize(
     "recipe", ["clip_grad_norm", "hook", "hook via proxy", "configure_gradient_clipping"]
 )
-def test_gradient_clipping_recipes_clip_the_tract_gradient(recipe: str, tmp_path: Path) -> None:
+def test_gradient_clipping_recipes_clip_the_tract_gradient(
+    recipe: str, tmp_path: Path, error_log: ErrorLog
+) -> None:
     if recipe == "clip_grad_norm":
         _, recorder = fit(classifier(clip=CLIP), tmp_path)
     else:
@@ -145,7 +146,7 @@ def test_gradient_clipping_recipes_clip_the_tract_gradient(recipe: str, tmp_path
         }[recipe]
         module = kind(framework_net(), steps=3, lr=LR, momentum=0.0, clip=None)
         _, recorder = fit(module, tmp_path, gradient_clip_val=CLIP)
-    ERRORS[f"clipping: {recipe}"] = check_all(recorder, [LAM] * 3, CLIP)
+    error_log.record(f"lightning clipping: {recipe}", check_all(recorder, [LAM] * 3, CLIP))
 
 
 def test_plain_gradient_clip_val_clips_the_raw_gradient(tmp_path: Path) -> None:
@@ -158,16 +159,16 @@ def test_plain_gradient_clip_val_clips_the_raw_gradient(tmp_path: Path) -> None:
         assert max_relative_error(got, expected(step, conv, LAM, CLIP)) > 1e-2
 
 
-def test_accumulate_grad_batches(tmp_path: Path) -> None:
+def test_accumulate_grad_batches(tmp_path: Path, error_log: ErrorLog) -> None:
     """Two micro-batches per step: both inputs' statistics and the summed gradient."""
     _, recorder = fit(classifier(steps=2), tmp_path, batches=4, accumulate_grad_batches=2)
     assert [len(step.inputs) for step in recorder.steps] == [2, 2]
-    ERRORS["accumulate_grad_batches=2"] = check_all(recorder, [LAM] * 2)
+    error_log.record("lightning accumulate_grad_batches=2", check_all(recorder, [LAM] * 2))
 
 
-def test_bf16_mixed(tmp_path: Path) -> None:
+def test_bf16_mixed(tmp_path: Path, error_log: ErrorLog) -> None:
     _, recorder = fit(classifier(), tmp_path, precision="bf16-mixed")
-    ERRORS["bf16-mixed"] = check_all(recorder, [LAM] * 3)
+    error_log.record("lightning bf16-mixed", check_all(recorder, [LAM] * 3))
 
 
 class Manual(example.TrActClassifier):  # type: ignore[misc]
@@ -188,10 +189,12 @@ class Manual(example.TrActClassifier):  # type: ignore[misc]
         opt.step()
 
 
-def test_manual_optimization_precondition_and_clip_gradients(tmp_path: Path) -> None:
+def test_manual_optimization_precondition_and_clip_gradients(
+    tmp_path: Path, error_log: ErrorLog
+) -> None:
     module = Manual(framework_net(), steps=3, lr=LR, momentum=0.0, clip=None)
     _, recorder = fit(module, tmp_path)
-    ERRORS["manual optimization"] = check_all(recorder, [LAM] * 3, CLIP)
+    error_log.record("lightning manual optimization", check_all(recorder, [LAM] * 3, CLIP))
 
 
 START_LAM = 0.4
@@ -212,14 +215,16 @@ class LamSchedule(example.TrActClassifier):  # type: ignore[misc]
         opt.set_lam(opt.lams[0] / 2)
 
 
-def test_set_lam_and_load_state_dict_from_hooks(tmp_path: Path) -> None:
+def test_set_lam_and_load_state_dict_from_hooks(tmp_path: Path, error_log: ErrorLog) -> None:
     module = LamSchedule(framework_net(), steps=3, lr=LR, momentum=0.0, clip=None)
     trainer, recorder = fit(module, tmp_path)
-    ERRORS["set_lam from a hook"] = check_all(recorder, [START_LAM / 2**k for k in range(3)])
+    error_log.record(
+        "lightning set_lam from a hook", check_all(recorder, [START_LAM / 2**k for k in range(3)])
+    )
     assert trainer.optimizers[0].lams == (START_LAM / 8,)
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path: Path, error_log: ErrorLog) -> None:
     """Two epochs at once vs one epoch, checkpoint, fit(ckpt_path=...) into a fresh module.
 
     λ changes every step and SGD has momentum, so a resume that lost either would differ.
@@ -236,7 +241,9 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
     trainer, recorder = fit(resumed, tmp_path / "resumed", max_epochs=2, ckpt_path=str(ckpt))
     assert trainer.optimizers[0].lams == (START_LAM / 2**steps,)
     lams = [START_LAM / 2**k for k in range(3, steps)]
-    ERRORS["after fit(ckpt_path=...)"] = check_all(recorder, lams, CLIP, sgd_lr=False)
+    error_log.record(
+        "lightning after fit(ckpt_path=...)", check_all(recorder, lams, CLIP, sgd_lr=False)
+    )
     for (name, a), b in zip(
         whole.model.named_parameters(), resumed.model.parameters(), strict=True
     ):
@@ -248,9 +255,3 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
     torch.save(ckpt_state, tmp_path / "lost.ckpt")
     fit(lost, tmp_path / "lost", max_epochs=2, ckpt_path=str(tmp_path / "lost.ckpt"))
     assert not torch.equal(lost.model.conv1.weight, whole.model.conv1.weight)
-
-
-def test_report_errors() -> None:
-    """Print the measured errors (run with -s to see them)."""
-    for what, error in ERRORS.items():
-        print(f"lightning {what}: max relative error {error:.2e}")

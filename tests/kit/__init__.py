@@ -6,6 +6,7 @@
 - ``strategies``: ``draw_conv``, a random convolution and input for hypothesis tests;
 - ``stack``: a multi-process gloo runner, state comparisons, a counting compile backend;
 - ``steps``: one TrAct step through the library, returning raw and preconditioned gradients;
+- ``report``: ``ErrorLog``, the errors tests measured, printed at the end of the run;
 - ``timm_like``: stand-ins for timm's first layers (timm is not installed here).
 """
 
@@ -34,6 +35,7 @@ from .reference import (
     tract_grad,
     unfold_rows,
 )
+from .report import ErrorLog
 from .stack import (
     CountingBackend,
     assert_same,
@@ -50,6 +52,7 @@ __all__ = [
     "U32",
     "U64",
     "CountingBackend",
+    "ErrorLog",
     "TinyNet",
     "TwoStem",
     "assert_fp32_gram",
