@@ -43,8 +43,8 @@ from tract_optim import TrActOptimizer
 
 Batch = tuple[Tensor, Tensor]
 ATOL = 2e-6
-LAM = 0.1
 RTOL = 1e-4
+LAM = 0.1
 
 
 # --- models, data and the independent reference -------------------------------------------------

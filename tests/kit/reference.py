@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
-
 _CONV_FNS: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 #: Unit roundoff of float32 and float64.
