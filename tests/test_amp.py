@@ -2,12 +2,13 @@
 
 Whatever precision the forward and backward ran in, the statistics and the solve must stay in
 fp32 or wider and the gradient comes back in the weight's dtype. Every TrAct gradient is checked
-against ``reference.tract_grad`` (float64 rows of the layer's input, ``torch.linalg.solve``)
-applied to the same raw gradient, within ``fp32_bound``: 32·2⁻²⁴·cond(M), about 6e-6 for
-``TinyNet``. Measured: 3e-7 under bf16 and fp16 autocast, while a Gram built from bf16-rounded
-inputs is off by 8e-4 (asserted to exceed the bound, so the bound tells the two apart).
+against ``kit.tract_grad`` (float64 rows of the layer's input, ``torch.linalg.solve``) applied
+to the same raw gradient, by ``kit.assert_update``: within ``ERROR_PER_COND``·cond(M) =
+32·2⁻²⁴·cond(M), about 6e-6 for ``tiny_net``. Measured: 3e-7 under bf16 and fp16 autocast, while
+a Gram built from bf16-rounded inputs is off by 8e-4 (asserted to exceed the bound, so the bound
+tells the two apart).
 
-Measured drift of low-precision training from fp32 training (``reference.TinyNet``, 5 steps of
+Measured drift of low-precision training from fp32 training (``kit.tiny_net``, 5 steps of
 SGD with lr 0.05 and momentum 0.9; largest parameter difference, with parameters of size up to
 ~0.2): bf16 autocast 1.0e-2, fp16 autocast with GradScaler 3.1e-5, bf16 weights 8.7e-3.
 ``test_low_precision_training_tracks_fp32`` allows 3e-2.
@@ -15,38 +16,33 @@ SGD with lr 0.05 and momentum 0.9; largest parameter difference, with parameters
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import max_abs_diff
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from reference import (
-    U32,
+from torch import Tensor
+
+from tests.kit import (
+    ERROR_PER_COND,
     TinyNet,
+    assert_update,
     condition,
+    draw_conv,
+    max_abs_diff,
     relative_error,
     tiny_batch,
     tiny_net,
     tract_grad,
     unfold_rows,
 )
-from torch import Tensor
-
 from tract_optim import TrActOptimizer
 
 LAM = 0.05
 LOW = [torch.bfloat16, torch.float16]
 SOLVES = [None, torch.float32, torch.float64]
-
-
-def fp32_bound(rows: Tensor) -> float:
-    """The error allowed for fp32 statistics of ``rows``: 32·u·cond(M)."""
-    return 32 * U32 * condition(rows, LAM)
 
 
 def sgd(model: TinyNet, lr: float = 1.0, momentum: float = 0.0, **tract: Any) -> TrActOptimizer:
@@ -71,17 +67,17 @@ def test_autocast_keeps_statistics_and_solve_full_precision(
     got = model.first.weight.grad
     assert got.dtype == torch.float32
     rows = unfold_rows(model.first, x)
-    expected = tract_grad(rows, raw, LAM)
-    assert relative_error(got, expected) <= fp32_bound(rows)
+    assert_update(got, raw, rows, LAM)
     # Sensitivity: statistics of the autocast-rounded inputs would fail that bound.
     rounded = tract_grad(unfold_rows(model.first, x.to(dtype)), raw, LAM)
-    assert relative_error(rounded, expected) > 10 * fp32_bound(rows)
+    bound = ERROR_PER_COND * condition(rows, LAM)
+    assert relative_error(rounded, tract_grad(rows, raw, LAM)) > 10 * bound
 
 
 @settings(max_examples=15, deadline=None)
 @given(data=st.data(), dtype=st.sampled_from(LOW))
 def test_autocast_any_convolution_matches_reference(
-    data: st.DataObject, dtype: torch.dtype, draw_conv: Callable[..., Any]
+    data: st.DataObject, dtype: torch.dtype
 ) -> None:
     torch.manual_seed(0)  # draw_conv fills tensors from torch's global generator
     conv, x = draw_conv(data)
@@ -92,9 +88,7 @@ def test_autocast_any_convolution_matches_reference(
     raw = conv.weight.grad.clone()
     assume(raw.any())  # a zero gradient stays zero under any linear map
     opt.precondition_()
-    rows = unfold_rows(conv, x)
-    expected = tract_grad(rows, raw, LAM)
-    assert relative_error(conv.weight.grad, expected) <= fp32_bound(rows)
+    assert_update(conv.weight.grad, raw, unfold_rows(conv, x), LAM)
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -112,64 +106,7 @@ def test_grad_scaler_steps_with_the_unscaled_tract_gradient(dtype: torch.dtype) 
     scaler.step(opt)
     scaler.update()
     rows = unfold_rows(model.first, x)
-    expected = tract_grad(rows, unscaled, LAM)
-    assert relative_error(before - model.first.weight.detach(), expected) <= fp32_bound(rows)
-
-
-@pytest.mark.parametrize("dtype", LOW)
-def test_unscale_precondition_clip_steps_with_the_clipped_tract_gradient(
-    dtype: torch.dtype,
-) -> None:
-    """The README's recipe (unscale_, precondition_, clip, scaler.step) steps SGD by
-    clip(TrAct(g)), computed here in float64: TrAct on the first weight, then one scale for all
-    gradients so that their total norm is half what it was (so the clip really acts)."""
-    model = tiny_net()
-    opt = sgd(model)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    x, y = tiny_batch(0)
-    with torch.autocast("cpu", dtype=dtype):
-        loss = F.cross_entropy(model(x), y)
-    scaler.scale(loss).backward()
-    grads = {name: p.grad.double() / scaler.get_scale() for name, p in model.named_parameters()}
-    rows = unfold_rows(model.first, x)
-    grads["first.weight"] = tract_grad(rows, grads["first.weight"], LAM)
-    total = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-
-    scaler.unscale_(opt)
-    opt.precondition_()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=total / 2)
-    scaler.step(opt)  # must not precondition a second time
-    scaler.update()
-
-    for name, p in model.named_parameters():
-        moved = before[name] - p.detach()
-        assert relative_error(moved, grads[name] / 2) <= fp32_bound(rows), name
-
-
-def test_step_skipped_by_grad_scaler_drops_its_statistics() -> None:
-    model = tiny_net()
-    opt = sgd(model)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    skipped, kept = tiny_batch(0, scale=5.0), tiny_batch(1)
-    for (x, y), overflow in ((skipped, True), (kept, False)):
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        if overflow:
-            model.first.weight.grad[0].fill_(float("inf"))
-        unscaled = model.first.weight.grad / scaler.get_scale()
-        before = model.first.weight.detach().clone()
-        scaler.step(opt)
-        scaler.update()
-    assert scaler.get_scale() == 2.0**11, "the first step was not skipped"
-    rows = unfold_rows(model.first, kept[0])
-    expected = tract_grad(rows, unscaled, LAM)
-    assert relative_error(before - model.first.weight.detach(), expected) <= fp32_bound(rows)
-    # Sensitivity: had the skipped batch's rows leaked into the step, the update would differ.
-    leaked_rows = torch.cat([unfold_rows(model.first, skipped[0]), rows], dim=1)
-    assert relative_error(tract_grad(leaked_rows, unscaled, LAM), expected) > 1e-2
+    assert_update(before - model.first.weight.detach(), unscaled, rows, LAM)
 
 
 @pytest.mark.parametrize("solve_dtype", SOLVES)
@@ -187,8 +124,9 @@ def test_bf16_weights_get_a_bf16_gradient_rounded_from_the_exact_one(
     assert got.dtype == torch.bfloat16
     rows = unfold_rows(model.first, x)
     expected = tract_grad(rows, raw, LAM)
-    # The fp32 result (within fp32_bound of the reference) rounded to bf16 (half an ulp, 2⁻⁸).
-    computed = fp32_bound(rows) * expected.abs().max()
+    # The fp32 result (within ERROR_PER_COND·cond of the reference) rounded to bf16 (half an
+    # ulp, 2⁻⁸).
+    computed = ERROR_PER_COND * condition(rows, LAM) * expected.abs().max()
     assert ((got.double() - expected).abs() <= 2.0**-8 * expected.abs() + 2 * computed).all()
     opt.step()
     assert model.first.weight.dtype == torch.bfloat16

@@ -53,7 +53,9 @@ def test_attached_sgd_steps_equal_float64_tract() -> None:
         opt.zero_grad()
         loss(model(x)).backward()
         opt.step()
-        assert_moved_by(before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM))
+        assert_moved_by(
+            before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM)
+        )
 
 
 def _adam_reference(kind: str) -> Callable[[nn.Module], Optimizer]:
@@ -95,7 +97,9 @@ def test_two_attached_optimizers_precondition_once() -> None:
         loss(model(x)).backward()
         rest.step()  # preconditions
         first.step()  # must not precondition again
-        assert_moved_by(before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM))
+        assert_moved_by(
+            before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM)
+        )
 
 
 def test_attach_with_grad_scaler_and_clipping() -> None:
@@ -138,7 +142,9 @@ def test_optimizer_zero_grad_after_a_skipped_step_drops_the_statistics(set_to_no
     raw = raw_grad(model, x)
     scaler.scale(loss(model(x))).backward()
     scaler.step(opt)
-    assert_moved_by(before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM))
+    assert_moved_by(
+        before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM)
+    )
 
 
 def test_detach_restores_plain_training() -> None:

@@ -21,9 +21,9 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import CountingBackend, max_abs_diff
 from torch import Tensor, nn
 
+from tests.kit import CountingBackend, conv_net, max_abs_diff, random_batch, token_net
 from tract_optim import TrActOptimizer
 
 STEPS = 10
@@ -31,42 +31,22 @@ TOL = 1e-5  # compiled vs eager, float rounding only
 Forward = Callable[[Tensor], Tensor]
 
 
-class Net(nn.Module):
-    """A first layer (a convolution, or a ViT-style Linear on tokens) and a linear head."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.first: nn.Module
-        if kind == "conv":
-            self.first = nn.Conv2d(3, 4, 3, padding=1)
-            features = 4 * 6 * 6
-        else:
-            # 2 images × 4 tokens = 8 rows < 12: the Woodbury form of the solve.
-            self.first = nn.Linear(12, 5)
-            features = 4 * 5
-        self.head = nn.Linear(features, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.relu(self.first(x)).flatten(1))  # type: ignore[no-any-return]
-
-
 def make(kind: str) -> nn.Module:
-    """``Net(kind)``; for "sequential" the conv model's layers in an ``nn.Sequential``."""
-    torch.manual_seed(0)
-    if kind != "sequential":
-        return Net(kind)
-    net = Net("conv")
+    """The conv net, or a ViT-style Linear on 4 tokens of 12 (2 images × 4 tokens = 8 rows < 12:
+    the Woodbury form of the solve); for "sequential" the conv net's layers in an
+    ``nn.Sequential``."""
+    if kind == "linear":
+        return token_net(n=12, tokens=4, width=5)
+    net = conv_net()
+    if kind == "conv":
+        return net
     layers = OrderedDict(first=net.first, relu=nn.ReLU(), flat=nn.Flatten(), head=net.head)
     return nn.Sequential(layers)
 
 
 def batches(kind: str) -> list[tuple[Tensor, Tensor]]:
-    gen = torch.Generator().manual_seed(1)
     shape = (2, 4, 12) if kind == "linear" else (6, 3, 6, 6)
-    return [
-        (torch.randn(*shape, generator=gen), torch.randint(0, 3, (shape[0],), generator=gen))
-        for _ in range(STEPS)
-    ]
+    return [random_batch(shape, seed) for seed in range(1, STEPS + 1)]
 
 
 def train(opt: TrActOptimizer, forward: Forward, kind: str) -> None:

@@ -26,12 +26,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _stack import max_abs_diff, run_workers
-from reference import tract_grad
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from tests.kit import TwoStem, max_abs_diff, run_workers, stacked_rows, tract_grad, two_stem
 from tract_optim import TrActOptimizer
 
 pytestmark = pytest.mark.slow
@@ -72,27 +71,17 @@ CONFIGS = {
 SHARD_ROWS = {"uneven": {"conv": (2, 1), "lin": (1, 0)}, "groups": {"conv": (3, 3), "lin": (3, 2)}}
 
 
-class TwoStem(nn.Module):
-    """Two first layers, an image convolution and a token Linear, feeding one linear head."""
-
-    def __init__(self, cfg: Config) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(
-            cfg.in_channels, cfg.out_channels, 3, stride=cfg.stride, padding=1, groups=cfg.groups
-        )
-        self.lin = nn.Linear(TOKEN_DIM, cfg.lin_out)
-        self.head = nn.Linear(cfg.out_channels + cfg.lin_out, CLASSES)
-
-    def forward(self, image: Tensor, tokens: Tensor) -> Tensor:
-        a = torch.tanh(self.conv(image)).mean(dim=(2, 3))
-        b = torch.tanh(self.lin(tokens)).mean(dim=1)
-        return self.head(torch.cat([a, b], dim=1))  # type: ignore[no-any-return]
-
-
 def make_model(cfg: Config) -> TwoStem:
     """The same initial model in every process."""
-    torch.manual_seed(0)
-    return TwoStem(cfg)
+    return two_stem(
+        channels=cfg.in_channels,
+        width=cfg.out_channels,
+        stride=cfg.stride,
+        groups=cfg.groups,
+        token_dim=TOKEN_DIM,
+        lin_out=cfg.lin_out,
+        classes=CLASSES,
+    )
 
 
 def batch(cfg: Config, step: int, rank: int, micro: int = 0) -> Batch:
@@ -204,9 +193,7 @@ def single_process(cfg: Config, steps: int = STEPS, micro: int = 1) -> Params:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def simulated(
-    cfg: Config, rows_of: Any, *, sync: bool, steps: int = STEPS, micro: int = 1
-) -> list[Params]:
+def simulated(cfg: Config, *, sync: bool, steps: int = STEPS, micro: int = 1) -> list[Params]:
     """Data parallelism by hand: per-rank models, averaged gradients, reference TrAct, SGD."""
     models = [make_model(cfg) for _ in range(WORLD)]
     sgds = [torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM) for m in models]
@@ -223,7 +210,7 @@ def simulated(
                 p.grad = mean[k].clone()
             visible = [b for r in range(WORLD) if sync or r == rank for b in seen[r]]
             for layer, lam, index in ((model.conv, LAMS[0], 0), (model.lin, LAMS[1], 1)):
-                rows = torch.cat([rows_of(layer, b[index]) for b in visible], dim=1)
+                rows = stacked_rows(layer, [b[index] for b in visible])
                 grad = layer.weight.grad
                 layer.weight.grad = tract_grad(rows, grad, lam).float()
             sgd.step()
@@ -245,11 +232,11 @@ def assert_close(a: Params, b: Params, atol: float = ATOL) -> None:
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_ddp_replicas_match_single_process_on_global_batch(
-    results: list[dict[str, Any]], reference_rows: Any, name: str
+    results: list[dict[str, Any]], name: str
 ) -> None:
     cfg = CONFIGS[name]
     single = single_process(cfg)
-    by_hand = simulated(cfg, reference_rows, sync=True)
+    by_hand = simulated(cfg, sync=True)
     for rank, res in enumerate(results):
         params = res[f"ddp/{name}"]["params"]
         assert_close(params, single)
@@ -260,9 +247,9 @@ def test_ddp_replicas_match_single_process_on_global_batch(
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fsdp2_matches_ddp_with_uneven_and_empty_shards(
-    results: list[dict[str, Any]], reference_rows: Any, name: str
+    results: list[dict[str, Any]], name: str
 ) -> None:
-    by_hand = simulated(CONFIGS[name], reference_rows, sync=True)
+    by_hand = simulated(CONFIGS[name], sync=True)
     for rank, res in enumerate(results):
         assert_close(res[f"fsdp2/{name}"]["params"], res[f"ddp/{name}"]["params"])
         assert_close(res[f"fsdp2/{name}"]["params"], by_hand[rank])
@@ -279,12 +266,10 @@ def test_all_layers_share_one_collective_per_step(results: list[dict[str, Any]])
         assert res["ddp-local"]["collectives"] == [0, 0]
 
 
-def test_local_statistics_are_per_rank_tract(
-    results: list[dict[str, Any]], reference_rows: Any
-) -> None:
+def test_local_statistics_are_per_rank_tract(results: list[dict[str, Any]]) -> None:
     cfg = CONFIGS["groups"]
-    local = simulated(cfg, reference_rows, sync=False, steps=2)
-    synced = simulated(cfg, reference_rows, sync=True, steps=2)
+    local = simulated(cfg, sync=False, steps=2)
+    synced = simulated(cfg, sync=True, steps=2)
     for rank, res in enumerate(results):
         assert_close(res["ddp-local"]["params"], local[rank])
         assert max_abs_diff(res["ddp-local"]["params"], synced[rank]) > 1e-3
@@ -300,12 +285,10 @@ def test_process_group_argument_selects_whose_statistics_are_summed(
         assert res["ddp-own-group"]["collectives"] == [0, 0]
 
 
-def test_no_sync_gradient_accumulation_matches_global_batch(
-    results: list[dict[str, Any]], reference_rows: Any
-) -> None:
+def test_no_sync_gradient_accumulation_matches_global_batch(results: list[dict[str, Any]]) -> None:
     cfg = CONFIGS["groups"]
     single = single_process(cfg, micro=2)
-    by_hand = simulated(cfg, reference_rows, sync=True, micro=2)
+    by_hand = simulated(cfg, sync=True, micro=2)
     for rank, res in enumerate(results):
         assert_close(res["ddp-no-sync"]["params"], single)
         assert_close(res["ddp-no-sync"]["params"], by_hand[rank])

@@ -3,7 +3,7 @@
 The "gradient without statistics" check runs on the *global* statistics, after the all-reduce:
 a rank that saw no rows still holds the averaged gradient, and must precondition it with the
 other ranks' statistics rather than raise. Two gloo processes on 127.0.0.1; the reference is
-float64 TrAct (``reference.tract_grad``) of rank 0's rows and the DDP-averaged gradient.
+float64 TrAct (``kit.assert_update``) of rank 0's rows and the DDP-averaged gradient.
 """
 
 from __future__ import annotations
@@ -13,36 +13,33 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import run_workers
-from reference import tract_grad
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tests.kit import assert_update, conv_net, random_batch, run_workers, unfold_rows
 from tract_optim import TrActOptimizer
 
 pytestmark = pytest.mark.slow
 
 LAM = 0.1
-RTOL = 1e-4
 
 
-class Net(nn.Module):
-    """A conv first layer and a head; ``skip=True`` bypasses the first layer (unused on a rank)."""
+class Skippable(nn.Module):
+    """The pooled conv net; ``skip=True`` bypasses its first layer (unused on that rank)."""
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Linear(4, 3)
+        self.net = conv_net(size=5, pool=True, act=nn.Tanh())
 
     def forward(self, x: Tensor, skip: bool = False) -> Tensor:
-        features = x.mean(dim=(2, 3)).repeat(1, 2)[:, :4] if skip else self.conv(x).mean((2, 3))
-        return self.head(torch.tanh(features))  # type: ignore[no-any-return]
+        if not skip:
+            return self.net(x)  # type: ignore[no-any-return]
+        features = x.mean(dim=(2, 3)).repeat(1, 2)[:, :4]
+        return self.net.head(self.net.act(features))  # type: ignore[no-any-return]
 
 
 def rank0_batch() -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(7)
-    return torch.randn(3, 3, 5, 5, generator=gen), torch.randint(0, 3, (3,), generator=gen)
+    return random_batch((3, 3, 5, 5), 7)
 
 
 def loss_of(out: Tensor, labels: Tensor) -> Tensor:
@@ -52,30 +49,27 @@ def loss_of(out: Tensor, labels: Tensor) -> Tensor:
 def worker(rank: int, world: int) -> dict[str, Tensor]:
     out = {}
     for case in ("empty", "unused"):
-        model = Net()
+        model = Skippable()
         ddp = DistributedDataParallel(model, find_unused_parameters=case == "unused")
-        opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.conv, LAM)
+        opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.net.first, LAM)
         x, y = rank0_batch()
         if rank == 1:
             x, y = (x[:0], y[:0]) if case == "empty" else (x, y)
         loss_of(ddp(x, skip=rank == 1 and case == "unused"), y).backward()
         opt.step()
-        out[case] = model.conv.weight.detach().clone()
+        out[case] = model.net.first.weight.detach().clone()
     return out
 
 
 def test_empty_or_first_layer_free_rank_uses_the_global_statistics() -> None:
     results: list[dict[str, Any]] = run_workers(worker, world=2, timeout=180)
-    model = Net()
+    model = conv_net(size=5, pool=True, act=nn.Tanh())
     x, y = rank0_batch()
     loss_of(model(x), y).backward()
-    assert model.conv.weight.grad is not None
-    grad = model.conv.weight.grad.double() / 2  # DDP averages over the 2 ranks
-    cols = F.unfold(x.double(), 3, padding=1)
-    rows = cols.transpose(1, 2).reshape(1, -1, cols.shape[1])
-    expected = model.conv.weight.detach().double() - tract_grad(rows, grad, LAM)
-    scale = float((expected - model.conv.weight.detach().double()).abs().max())
+    assert model.first.weight.grad is not None
+    grad = model.first.weight.grad.double() / 2  # DDP averages over the 2 ranks
+    rows = unfold_rows(model.first, x)
+    start = model.first.weight.detach()
     for case in ("empty", "unused"):
-        for rank, result in enumerate(results):
-            err = float((result[case].double() - expected).abs().max()) / scale
-            assert err < RTOL, (case, rank, err)
+        for result in results:
+            assert_update(start - result[case], grad, rows, LAM)

@@ -14,34 +14,18 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import max_abs_diff
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from tests.kit import TinyNet, conv_net, max_abs_diff, tiny_batch
 from tract_optim import TrActOptimizer
 
 STEPS = 3
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Conv2d(3, 4, 3, padding=1)
-        self.norm = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4 * 6 * 6, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.relu(self.norm(self.first(x))).flatten(1))  # type: ignore[no-any-return]
-
-
-def make() -> Net:
-    torch.manual_seed(0)
-    return Net()
-
-
-def batch(seed: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(6, 3, 6, 6, generator=gen) * scale, torch.randint(0, 3, (6,), generator=gen)
+def make() -> TinyNet:
+    """The conv net with a BatchNorm after its first layer (buffers a copy also updates)."""
+    return conv_net(norm=True)
 
 
 def optimizer(model: nn.Module) -> TrActOptimizer:
@@ -81,10 +65,10 @@ def train(make_ema: Ema | None) -> dict[str, Tensor]:
     ema = make_ema(model) if make_ema is not None else None
     for step in range(STEPS):
         opt.zero_grad()
-        x, y = batch(step)
+        x, y = tiny_batch(step, 6)
         out = model(x)
         if ema is not None:
-            x_ema, y_ema = batch(100 + step, scale=4.0)
+            x_ema, y_ema = tiny_batch(100 + step, 6, scale=4.0)
             F.cross_entropy(ema(x_ema), y_ema).backward()
         F.cross_entropy(out, y).backward()
         opt.step()
@@ -98,24 +82,26 @@ def test_ema_copy_passes_do_not_touch_the_optimizer(kind: str) -> None:
     assert max_abs_diff(train(EMAS[kind]), train(None)) < 1e-7
 
 
-def _pickled(model: Net) -> Net:
+def _pickled(model: TinyNet) -> TinyNet:
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert isinstance(loaded, Net)
+    assert isinstance(loaded, TinyNet)
     return loaded
 
 
 @pytest.mark.parametrize("clone", [copy.deepcopy, _pickled], ids=["deepcopy", "torch.save"])
-def test_copy_trains_with_its_own_optimizer_independently(clone: Callable[[Net], Net]) -> None:
+def test_copy_trains_with_its_own_optimizer_independently(
+    clone: Callable[[TinyNet], TinyNet],
+) -> None:
     model = make()
     opt = optimizer(model)
-    x, y = batch(0)
+    x, y = tiny_batch(0, 6)
     F.cross_entropy(model(x), y).backward()
     opt.step()
     # Copy in the middle of the next step, while a recorded pass waits for its backward.
-    x, y = batch(1)
+    x, y = tiny_batch(1, 6)
     opt.zero_grad()
     out = model(x)
     twin = clone(model)
@@ -130,7 +116,7 @@ def test_copy_trains_with_its_own_optimizer_independently(clone: Callable[[Net],
     reference, reference_twin = make(), make()
     for m, scale in ((reference, 1.0), (reference_twin, 3.0)):
         ref_opt = optimizer(m)
-        x0, y0 = batch(0)
+        x0, y0 = tiny_batch(0, 6)
         F.cross_entropy(m(x0), y0).backward()
         ref_opt.step()
         ref_opt.zero_grad()

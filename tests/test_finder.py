@@ -9,18 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-import timm_like
 import torch
 import torch.nn.functional as F
-from _update_check import assert_tract_update, tract_gradient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from scripts import models
+from tests.kit import assert_update, timm_like, tract_gradient, unfold_rows
 from tract_optim import find_first_layer, find_first_layers
-
-ReferenceRows = Callable[[nn.Module, Tensor], Tensor]
 
 
 class TorchvisionResNetStem(nn.Module):
@@ -257,7 +254,6 @@ def test_constant_or_non_tensor_input_is_rejected() -> None:
 )
 def test_parallel_first_layers_are_all_found_and_preconditioned(
     build: Callable[[], timm_like.RepVggStem | timm_like.TwoPatchEmbeddings],
-    reference_rows: ReferenceRows,
 ) -> None:
     """Every branch reading the raw input is found, in call order, and each gets its own
     update: Eq. 10 with its own rows, as if it were the only first layer."""
@@ -270,7 +266,7 @@ def test_parallel_first_layers_are_all_found_and_preconditioned(
     assert find_first_layer(model, x) is expected[0]
     raw, tract = tract_gradient(found, model, x, 0.1)
     for layer, g, t in zip(found, raw, tract, strict=True):
-        assert_tract_update(t, g, reference_rows(layer, x), 0.1)
+        assert_update(t, g, unfold_rows(layer, x), 0.1)
 
 
 def test_find_first_layers_lists_a_layer_once_and_skips_transformed_inputs() -> None:

@@ -1,5 +1,5 @@
 """``tract_optim.gram``: the unfold-free Conv2d Gram and the upper-triangle product, each against
-a float64 Gram of rows built independently (``reference.unfold_rows``), within the fp32 bound;
+a float64 Gram of rows built independently (``kit.unfold_rows``), within the fp32 bound;
 and ``unfold.gram`` inside ``torch.compile``: one graph for every batch size, equal to eager.
 """
 
@@ -8,12 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _stack import CountingBackend
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import assert_fp32_gram, unfold_rows
 from torch import nn
 
+from tests.kit import CountingBackend, assert_fp32_gram, unfold_rows
 from tract_optim import gram, unfold
 
 SETTINGS = settings(max_examples=40, deadline=None)

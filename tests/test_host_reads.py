@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import tract_grad
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.kit import TwoStem, assert_update, two_stem, unfold_rows
 from tract_optim import TrActOptimizer
 
 LAM = 0.1
@@ -33,22 +33,6 @@ class CountHostReads(TorchDispatchMode):
         if func in _READS:
             self.reads += 1
         return func(*args, **(kwargs or {}))
-
-
-class TwoStem(nn.Module):
-    """Two first layers (a conv on images, a Linear on tokens) and a head."""
-
-    def __init__(self, device: str = "cpu") -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, device=device)
-        self.lin = nn.Linear(6, 4, device=device)
-        self.head = nn.Linear(8, 3, device=device)
-
-    def forward(self, image: Tensor, tokens: Tensor) -> Tensor:
-        a = torch.tanh(self.conv(image)).mean((2, 3))
-        b = torch.tanh(self.lin(tokens)).mean(1)
-        return self.head(torch.cat([a, b], 1))  # type: ignore[no-any-return]
 
 
 def batches(device: str = "cpu", count: int = 2) -> list[tuple[Tensor, Tensor]]:
@@ -68,7 +52,7 @@ def loss_of(model: nn.Module, image: Tensor, tokens: Tensor) -> Tensor:
 
 @pytest.mark.parametrize(("capturable", "allowed"), [(False, 1), (True, 0)])
 def test_host_reads_per_step(capturable: bool, allowed: int) -> None:
-    model = TwoStem()
+    model = two_stem()
     opt = TrActOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), [model.conv, model.lin], capturable=capturable
     )
@@ -90,41 +74,36 @@ def test_counter_sees_reads() -> None:
     assert counter.reads == 2
 
 
-def _reference_update(model: TwoStem, image: Tensor, tokens: Tensor) -> dict[str, Tensor]:
-    """float64 TrAct gradients of both first layers for one batch (fresh twin, no hooks)."""
-    twin = TwoStem()
+def _raw_grads(model: TwoStem, image: Tensor, tokens: Tensor) -> dict[str, Tensor]:
+    """Both first layers' plain weight gradients for one batch (fresh twin, no hooks)."""
+    twin = two_stem()
     twin.load_state_dict(model.state_dict())
     loss_of(twin, image, tokens).backward()
-    conv_rows = F.unfold(image.double(), 3, padding=1).transpose(1, 2).reshape(1, -1, 27)
-    lin_rows = tokens.double().reshape(1, -1, 6)
     assert twin.conv.weight.grad is not None and twin.lin.weight.grad is not None
-    return {
-        "conv": tract_grad(conv_rows, twin.conv.weight.grad.double(), LAM),
-        "lin": tract_grad(lin_rows, twin.lin.weight.grad.double(), LAM),
-    }
+    return {"conv": twin.conv.weight.grad.double(), "lin": twin.lin.weight.grad.double()}
 
 
 def test_capturable_matches_reference_and_set_lam_reaches_the_solve() -> None:
-    model = TwoStem()
+    model = two_stem()
     opt = TrActOptimizer(
         torch.optim.SGD(model.parameters(), lr=1.0), [model.conv, model.lin], 0.5, capturable=True
     )
     opt.set_lam(LAM)
     for image, tokens in batches():
-        expected = _reference_update(model, image, tokens)
-        before = {k: getattr(model, k).weight.detach().double().clone() for k in expected}
+        raw = _raw_grads(model, image, tokens)
+        before = {k: getattr(model, k).weight.detach().double().clone() for k in raw}
         opt.zero_grad()
         loss_of(model, image, tokens).backward()
         opt.step()
-        for k, grad in expected.items():
-            move = before[k] - getattr(model, k).weight.detach().double()
-            assert float((move - grad).abs().max()) < 1e-4 * float(grad.abs().max())
+        for k, x in (("conv", image), ("lin", tokens)):
+            layer = getattr(model, k)
+            assert_update(before[k] - layer.weight.detach(), raw[k], unfold_rows(layer, x), LAM)
 
 
 def test_capturable_non_finite_statistics_give_nan_gradient_that_grad_scaler_skips() -> None:
     """precondition_() before scaler.unscale_() (TrAct is linear in G): the scaler sees the NaN.
     (float32 statistics: the default float64 ones of capturable mode do not overflow here.)"""
-    model = TwoStem()
+    model = two_stem()
     opt = TrActOptimizer(
         torch.optim.SGD(model.parameters(), lr=1.0),
         [model.conv, model.lin],
@@ -147,7 +126,7 @@ def test_capturable_non_finite_statistics_give_nan_gradient_that_grad_scaler_ski
 
 
 def test_capturable_gradient_without_statistics_is_nan() -> None:
-    model = TwoStem()
+    model = two_stem()
     opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.conv, capturable=True)
     image, _ = batches()[0]
     z = F.conv2d(image, model.conv.weight, model.conv.bias, padding=1)  # functional: no hook
@@ -164,7 +143,7 @@ def test_cuda_graph_capture_of_step_matches_eager() -> None:
     data = batches(device, count=4)
     runs = {}
     for mode in ("eager", "graph"):
-        model = TwoStem(device)
+        model = two_stem().to(device)
         adam = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
         opt = TrActOptimizer(adam, [model.conv, model.lin], LAM, capturable=True)
         # One eager step first (both modes): allocates the gradients and Adam's state, which

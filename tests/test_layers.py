@@ -1,8 +1,8 @@
 """First layers that are not plain nn layers: supported exactly, refused by name, or opted in.
 
-References: TrAct's update G·(XᵀX/r + λI)⁻¹ in float64 (``reference.tract_grad``) on
+References: TrAct's update G·(XᵀX/r + λI)⁻¹ in float64 (``kit.tract_grad``) on
 rows of the input *as the layer really convolves it*, built independently: the one-hot unfold
-(``reference_rows``) of a plain ``nn.Conv2d`` applied to the input padded by timm's own formula
+(``unfold_rows``) of a plain ``nn.Conv2d`` applied to the input padded by timm's own formula
 (``timm_like.pad_same``). G is the autograd gradient of the layer's weight.
 """
 
@@ -12,21 +12,17 @@ import math
 from collections.abc import Callable
 
 import pytest
-import timm_like
 import torch
 import torch.ao.nn.qat as qat
 import torch.nn.functional as F
-from _update_check import assert_tract_update, tract_gradient
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from reference import tract_grad
 from torch import Tensor, nn
 from torch.ao.quantization import get_default_qat_qconfig
 from torch.nn.utils import parametrizations
 
+from tests.kit import assert_update, timm_like, tract_grad, tract_gradient, unfold_rows
 from tract_optim import TrActOptimizer
-
-ReferenceRows = Callable[[nn.Module, Tensor], Tensor]
 
 
 def plain_copy(layer: nn.Conv2d) -> nn.Conv2d:
@@ -67,7 +63,6 @@ def test_conv2d_same_stem_update_is_that_of_the_padded_input(
     batch: int,
     lam: float,
     seed: int,
-    reference_rows: ReferenceRows,
 ) -> None:
     """A Conv2dSame stem's TrAct update is Eq. 10 for the TF-SAME padded input's rows."""
     torch.manual_seed(seed)
@@ -77,24 +72,22 @@ def test_conv2d_same_stem_update_is_that_of_the_padded_input(
     model(x)  # materialise the head
     raw, tract = tract_gradient([stem], model, x, lam)
     xpad = timm_like.pad_same(x, (kernel, kernel), (stride, stride), (dilation, dilation))
-    rows = reference_rows(plain_copy(stem), xpad)
+    rows = unfold_rows(plain_copy(stem), xpad)
     positions = math.prod(math.ceil(i / stride) for i in size)  # TF's SAME output size
     assert rows.shape[1] == batch * positions
     assume(bool(rows.any()))  # a dilated window can read only padding: zero rows, zero update
-    assert_tract_update(tract[0], raw[0], rows, lam)
+    assert_update(tract[0], raw[0], rows, lam)
 
 
-def test_conv2d_same_update_differs_from_a_valid_convolution(
-    reference_rows: ReferenceRows,
-) -> None:
+def test_conv2d_same_update_differs_from_a_valid_convolution() -> None:
     """The test above can fail: with the unpadded (15×15) statistics the update is ~6 % off."""
     torch.manual_seed(0)
     stem = timm_like.Conv2dSame(3, 8, 3, stride=2, bias=False)
     x = torch.randn(4, 3, 32, 32)
     raw, tract = tract_gradient([stem], stem, x, 0.1)
-    padded = reference_rows(plain_copy(stem), timm_like.pad_same(x, (3, 3), (2, 2), (1, 1)))
-    assert_tract_update(tract[0], raw[0], padded, 0.1)
-    valid = tract_grad(reference_rows(plain_copy(stem), x), raw[0], 0.1)
+    padded = unfold_rows(plain_copy(stem), timm_like.pad_same(x, (3, 3), (2, 2), (1, 1)))
+    assert_update(tract[0], raw[0], padded, 0.1)
+    valid = tract_grad(unfold_rows(plain_copy(stem), x), raw[0], 0.1)
     assert (tract[0].double() - valid).norm() > 1e-2 * valid.norm()
 
 
@@ -177,7 +170,7 @@ def test_conv2d_same_with_changed_padding_is_refused() -> None:
     assert_refused(layer, 0, "Conv2dSame.*overrides forward")
 
 
-def test_subclass_that_keeps_the_forward_is_accepted(reference_rows: ReferenceRows) -> None:
+def test_subclass_that_keeps_the_forward_is_accepted() -> None:
     """A subclass adding only attributes (or torch's dynamic subclasses) computes nn.Conv2d's z."""
 
     class Tagged(nn.Conv2d):
@@ -187,7 +180,7 @@ def test_subclass_that_keeps_the_forward_is_accepted(reference_rows: ReferenceRo
     layer = Tagged(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 6, 6)
     raw, tract = tract_gradient([layer], layer, x, 0.1)
-    assert_tract_update(tract[0], raw[0], reference_rows(layer, x), 0.1)
+    assert_update(tract[0], raw[0], unfold_rows(layer, x), 0.1)
 
 
 def test_computed_weights_are_refused() -> None:
@@ -203,7 +196,7 @@ def test_computed_weights_are_refused() -> None:
 @pytest.mark.parametrize("cls", timm_like.WEIGHT_TRANSFORMS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_trusted_weight_transform_preconditions_the_raw_weight(
-    cls: type[nn.Conv2d], stride: int, reference_rows: ReferenceRows
+    cls: type[nn.Conv2d], stride: int
 ) -> None:
     """Opted in, the raw weight's gradient gets Eq. 10 for the rows the layer really convolves:
     its own padding, or TF-SAME for the *Same variants with dynamic padding."""
@@ -215,18 +208,18 @@ def test_trusted_weight_transform_preconditions_the_raw_weight(
         plain, xin = plain_copy(layer), timm_like.pad_same(x, (3, 3), (stride,) * 2, (1, 1))
     else:
         plain, xin = nn.Conv2d(3, 4, 3, stride, layer.padding, bias=False), x
-    rows = reference_rows(plain, xin)
+    rows = unfold_rows(plain, xin)
     with torch.no_grad():
         assert rows.shape[1] == layer(x)[0, 0].numel() * 2
-    assert_tract_update(tract[0], raw[0], rows, 0.1)
+    assert_update(tract[0], raw[0], rows, 0.1)
 
 
 @pytest.mark.parametrize("layer", qat_layers(), ids=["conv2d", "linear"])
-def test_trusted_qat_layer(layer: nn.Module, reference_rows: ReferenceRows) -> None:
+def test_trusted_qat_layer(layer: nn.Module) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 7, 7) if isinstance(layer, nn.Conv2d) else torch.randn(5, 6)
     raw, tract = tract_gradient([layer], layer, x, 0.1, trusted_layers=[type(layer)])
-    assert_tract_update(tract[0], raw[0], reference_rows(layer, x), 0.1)
+    assert_update(tract[0], raw[0], unfold_rows(layer, x), 0.1)
 
 
 def test_trust_covers_subclasses_that_keep_the_trusted_forward() -> None:
@@ -270,7 +263,7 @@ def test_trusted_layers_must_be_layer_classes(bad: object) -> None:
     ids=["conv2d", "linear"],
 )
 def test_lazy_layer_refused_until_materialised(
-    make: Callable[[], nn.Module], shape: tuple[int, ...], reference_rows: ReferenceRows
+    make: Callable[[], nn.Module], shape: tuple[int, ...]
 ) -> None:
     torch.manual_seed(0)
     layer = make()
@@ -278,7 +271,7 @@ def test_lazy_layer_refused_until_materialised(
     x = torch.randn(*shape)
     layer(x)  # materialises it: the class becomes nn.Conv2d / nn.Linear
     raw, tract = tract_gradient([layer], layer, x, 0.1)
-    assert_tract_update(tract[0], raw[0], reference_rows(layer, x), 0.1)
+    assert_update(tract[0], raw[0], unfold_rows(layer, x), 0.1)
 
 
 # --- optimizers that re-evaluate a closure -------------------------------------------------------

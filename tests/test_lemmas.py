@@ -9,17 +9,24 @@ Notation in torch's row layout: rows x (b, n), z = x Wᵀ (b, m), ∇W = ∇zᵀ
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from reference import U32, U64, condition, linear_with, relative_error, tract_grad, unfold_rows
 from torch import Tensor, nn
 
+from tests.kit import (
+    U32,
+    U64,
+    assert_update,
+    condition,
+    draw_conv,
+    linear_with,
+    relative_error,
+    tract_gradient,
+    unfold_rows,
+)
 from tract_optim import TrActOptimizer
-
-DrawConv = Callable[..., tuple[nn.Module, Tensor]]
 
 SETTINGS = settings(max_examples=40, deadline=None)
 LAMS = st.sampled_from([0.01, 0.05, 0.1, 0.2, 1.0])
@@ -28,19 +35,6 @@ LAMS = st.sampled_from([0.01, 0.05, 0.1, 0.2, 1.0])
 def dyadic(gen: torch.Generator, *shape: int) -> Tensor:
     """Random float64 multiples of 1/4 in [−2, 2]: exact in fp32, and so are their Grams."""
     return torch.randint(-8, 9, shape, generator=gen).double() / 4
-
-
-def tract_gradient(
-    layer: nn.Module, x: Tensor, out_grad: Tensor, lam: float
-) -> tuple[Tensor, Tensor]:
-    """(TrAct ∇W, plain ∇W) when the loss has gradient ``out_grad`` at z = layer(x)."""
-    opt = TrActOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), layer, lam)
-    (layer(x) * out_grad).sum().backward()
-    assert layer.weight.grad is not None
-    plain = layer.weight.grad.detach().clone()
-    opt.precondition_()
-    opt.remove()
-    return layer.weight.grad.detach().clone(), plain
 
 
 def objective(delta: Tensor, weight: Tensor, x: Tensor, z_star: Tensor, lam: float) -> Tensor:
@@ -71,7 +65,8 @@ def test_lemma1_update_minimises_eq5(
     (solve error)·cond(M) ≤ c·u·cond(M)²; and no perturbation lowers the objective.
     """
     weight, x, out_grad, lam, lr = problem
-    grad, _ = tract_gradient(linear_with(weight), x, out_grad, lam)
+    layer = linear_with(weight)
+    _, (grad,) = tract_gradient([layer], layer, x, lam, out_grad=out_grad, solve_dtype=None)
     delta = -lr * grad
     b = x.shape[0]
     z_star = x @ weight.T - lr * b * out_grad  # Eq. 3
@@ -198,9 +193,7 @@ def steps_to(reduction: float, rate: float) -> int:
 
 @SETTINGS
 @given(data=st.data(), lam=LAMS)
-def test_lemma2_nonzero_gradient_gives_descent_direction(
-    data: st.DataObject, lam: float, draw_conv: DrawConv
-) -> None:
+def test_lemma2_nonzero_gradient_gives_descent_direction(data: st.DataObject, lam: float) -> None:
     """∇W ≠ 0 ⇒ TrAct ∇W ≠ 0, and it is a descent direction within the spectral bounds
 
     ‖G‖²/(max tr(XᵀX)/r + λ) ≤ ⟨G, G M⁻¹⟩ ≤ ‖G‖²/λ, from λI ⪯ M ⪯ (tr(XᵀX)/r + λ) I.
@@ -211,7 +204,7 @@ def test_lemma2_nonzero_gradient_gives_descent_direction(
     layer, x = draw_conv(data, dtype=torch.float64)
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     out_grad = torch.randn(layer(x).shape, generator=gen, dtype=torch.float64)
-    grad, plain = tract_gradient(layer, x, out_grad, lam)
+    (plain,), (grad,) = tract_gradient([layer], layer, x, lam, out_grad=out_grad, solve_dtype=None)
     assume(plain.any())  # a zero ∇W gives a zero update (any linear map does)
     rows = unfold_rows(layer, x)
     trace = (rows**2).sum(dim=(1, 2)).max().item() / rows.shape[1]
@@ -259,13 +252,10 @@ def test_second_formulation_gives_the_same_weight_gradient(
 
 
 def test_tract_gradient_matches_the_reference() -> None:
-    """The helper above returns Eq. 10 (guards the Lemma tests against testing nothing)."""
+    """``kit.tract_gradient`` returns Eq. 10 (guards the Lemma tests against testing nothing)."""
     gen = torch.Generator().manual_seed(0)
     x, out_grad = dyadic(gen, 6, 4), torch.randn(6, 3, generator=gen, dtype=torch.float64)
-    grad, plain = tract_gradient(
-        linear_with(torch.zeros(3, 4, dtype=torch.float64)), x, out_grad, 0.1
-    )
-    assert relative_error(grad, tract_grad(x[None], plain, 0.1)) <= 1000 * U64 * condition(
-        x[None], 0.1
-    )
+    layer = linear_with(torch.zeros(3, 4, dtype=torch.float64))
+    (plain,), (grad,) = tract_gradient([layer], layer, x, 0.1, out_grad=out_grad, solve_dtype=None)
+    assert_update(grad, plain, x[None], 0.1, per_cond=1000 * U64)
     assert relative_error(grad, plain) > 0.1

@@ -1,8 +1,8 @@
 """The torch.optim contract of ``TrActOptimizer`` in real training loops.
 
 Every numerical check compares against either the plain inner optimizer run side by side, or
-TrAct computed independently by ``_reference_grad`` (F.unfold / reshape, float64,
-``torch.linalg.solve``) and written into ``.grad`` of a plain optimizer's model.
+TrAct computed independently by ``kit.tract_grad`` (float64 ``torch.linalg.solve`` on the rows of
+``kit.unfold_rows``) and written into ``.grad`` of a plain optimizer's model.
 """
 
 from __future__ import annotations
@@ -11,54 +11,56 @@ import copy
 import io
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _compare import assert_same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.optim import SGD, Adam, Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR, StepLR
 
+from tests.kit import (
+    ERROR_PER_COND,
+    TinyNet,
+    assert_same,
+    assert_update,
+    condition,
+    conv_net,
+    random_batch,
+    relative_error,
+    tiny_batch,
+    tiny_net,
+    token_net,
+    tract_grad,
+    two_stem,
+    unfold_rows,
+)
 from tract_optim import TrActOptimizer
 
 Batch = tuple[Tensor, Tensor]
 ATOL = 2e-6
 RTOL = 1e-4
+LAM = 0.1
 
 
 # --- models, data and the independent reference -------------------------------------------------
 
 
-def _conv_net(seed: int = 0) -> nn.Sequential:
-    """A Conv2d first layer (n = 27, 25 rows per 5×5 image) and a small head."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)
-    )
-
-
-def _linear_net(seed: int = 0) -> nn.Sequential:
-    """A Linear first layer (n = 6) and a small head."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def _net(kind: str, seed: int = 0) -> nn.Sequential:
-    return _conv_net(seed) if kind == "conv" else _linear_net(seed)
+def _net(kind: str, seed: int = 0) -> TinyNet:
+    """A Conv2d first layer (n = 27, 25 rows per 5×5 image) or a Linear one (n = 6)."""
+    if kind == "conv":
+        return conv_net(size=5, seed=seed)
+    return token_net(n=6, width=8, act=nn.Tanh(), seed=seed)
 
 
 def _batches(kind: str, count: int, size: int = 4, seed: int = 1) -> list[Batch]:
     """``count`` distinct standardised batches with 3-class labels."""
-    gen = torch.Generator().manual_seed(seed)
     shape = (size, 3, 5, 5) if kind == "conv" else (size, 6)
-    return [
-        (torch.randn(shape, generator=gen), torch.randint(0, 3, (size,), generator=gen))
-        for _ in range(count)
-    ]
+    return [random_batch(shape, seed + i) for i in range(count)]
 
 
 def _loss(model: nn.Module, batch: Batch) -> Tensor:
@@ -66,38 +68,19 @@ def _loss(model: nn.Module, batch: Batch) -> Tensor:
     return F.cross_entropy(model(x), y)
 
 
-def _reference_grad(layer: nn.Module, x: Tensor, grad: Tensor, lam: float) -> Tensor:
-    """G·(xᵀx/r + λI)⁻¹ in float64 from explicitly unfolded rows (groups = 1, zero padding)."""
-    x64 = x.double()
-    if isinstance(layer, nn.Linear):
-        rows = x64.reshape(-1, layer.in_features)
-    else:
-        assert isinstance(layer, nn.Conv2d)
-        cols = F.unfold(
-            x64, layer.kernel_size, layer.dilation, layer.padding, layer.stride
-        )  # (B, n, L)
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    n = rows.shape[1]
-    matrix = rows.T @ rows / rows.shape[0] + lam * torch.eye(n, dtype=torch.float64)
-    g = grad.double().reshape(grad.shape[0], n)
-    return torch.linalg.solve(matrix, g.T).T.reshape(grad.shape).to(grad.dtype)
-
-
 def _apply_reference(layer: nn.Module, x: Tensor, lam: float) -> None:
     """Overwrite ``layer.weight.grad`` by its reference TrAct gradient."""
     grad = layer.weight.grad
     assert isinstance(grad, Tensor)
-    grad.copy_(_reference_grad(layer, x, grad, lam))
+    grad.copy_(tract_grad(unfold_rows(layer, x), grad, lam))
 
 
-def _reference_train(
-    model: nn.Sequential, opt: Optimizer, batches: Sequence[Batch], lam: float
-) -> None:
+def _reference_train(model: TinyNet, opt: Optimizer, batches: Sequence[Batch], lam: float) -> None:
     """Plain optimizer loop whose first-layer gradient is replaced by the reference TrAct one."""
     for batch in batches:
         opt.zero_grad()
         _loss(model, batch).backward()
-        _apply_reference(model[0], batch[0], lam)
+        _apply_reference(model.first, batch[0], lam)
         opt.step()
 
 
@@ -123,10 +106,10 @@ def _state_snapshot(opt: Optimizer) -> dict[str, Any]:
 
 def _pair(
     kind: str, make_opt: Callable[[nn.Module], Optimizer], lam: float = 0.1
-) -> tuple[nn.Sequential, TrActOptimizer, nn.Sequential, Optimizer]:
+) -> tuple[TinyNet, TrActOptimizer, TinyNet, Optimizer]:
     """Identical models: one trained through TrAct, one through the reference."""
     model, ref = _net(kind), _net(kind)
-    opt = TrActOptimizer(make_opt(model), model[0], lam)
+    opt = TrActOptimizer(make_opt(model), model.first, lam)
     return model, opt, ref, make_opt(ref)
 
 
@@ -152,14 +135,14 @@ def test_matches_reference_and_differs_from_plain(kind: str, size: int) -> None:
     _assert_params(model, ref)
     plain = _net(kind)
     _train(plain, _adam(plain), batches)
-    assert not torch.allclose(plain[0].weight, model[0].weight, atol=1e-3)
+    assert not torch.allclose(plain.first.weight, model.first.weight, atol=1e-3)
 
 
 def test_is_optimizer_with_live_views() -> None:
     """param_groups/state/defaults are the inner objects, also after load_state_dict."""
-    model = _conv_net()
+    model = _net("conv")
     inner = _adam(model)
-    opt = TrActOptimizer(inner, model[0])
+    opt = TrActOptimizer(inner, model.first)
     assert isinstance(opt, Optimizer)
     assert opt.param_groups is inner.param_groups
     assert opt.state is inner.state
@@ -176,8 +159,8 @@ def test_is_optimizer_with_live_views() -> None:
 def test_inner_state_holds_only_inner_entries() -> None:
     """TrAct writes nothing into the inner per-parameter state: same keys as a plain Adam."""
     batches = _batches("conv", 2)
-    model, plain = _conv_net(), _conv_net()
-    opt, plain_opt = TrActOptimizer(_adam(model), model[0]), _adam(plain)
+    model, plain = _net("conv"), _net("conv")
+    opt, plain_opt = TrActOptimizer(_adam(model), model.first), _adam(plain)
     _train(model, opt, batches)
     _train(plain, plain_opt, batches)
     assert len(opt.state) == len(plain_opt.state) == len(list(model.parameters()))
@@ -243,83 +226,12 @@ def _scaled_train(
 def test_grad_scaler_equals_unscaled_run() -> None:
     """Scaling by a power of two is exact, so the scaled TrAct run equals the unscaled one."""
     batches = _batches("conv", 4)
-    model, unscaled = _conv_net(), _conv_net()
-    opt = TrActOptimizer(_adam(model), model[0])
+    model, unscaled = _net("conv"), _net("conv")
+    opt = TrActOptimizer(_adam(model), model.first)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     _scaled_train(model, opt, scaler, batches)
-    _train(unscaled, TrActOptimizer(_adam(unscaled), unscaled[0]), batches)
+    _train(unscaled, TrActOptimizer(_adam(unscaled), unscaled.first), batches)
     assert scaler.get_scale() == 2.0**12
-    _assert_params(model, unscaled, exact=True)
-
-
-@pytest.mark.parametrize("zero_grad_first", [True, False])
-def test_grad_scaler_skips_inf_step_without_stale_statistics(zero_grad_first: bool) -> None:
-    """An inf step changes nothing; the next step uses only its own batch's statistics."""
-    good, bad, later = _batches("conv", 3)
-    model, opt, ref, ref_opt = _pair("conv", _adam)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    _scaled_train(model, opt, scaler, [good])
-    _reference_train(ref, ref_opt, [good], 0.1)
-    if not zero_grad_first:
-        opt.zero_grad()
-    weights, state = copy.deepcopy(model.state_dict()), _state_snapshot(opt)
-    if zero_grad_first:
-        opt.zero_grad()
-    scaler.scale(_loss(model, bad)).backward()
-    model[-1].weight.grad[0, 0] = float("inf")
-    scaler.step(opt)
-    scaler.update()
-    assert scaler.get_scale() == 2.0**7
-    assert_same(model.state_dict(), weights)
-    assert_same(opt.state_dict(), state)
-    if not zero_grad_first:
-        opt.zero_grad()
-    _scaled_train(model, opt, scaler, [later])
-    _reference_train(ref, ref_opt, [later], 0.1)
-    _assert_params(model, ref)
-
-
-def test_model_zero_grad_after_skipped_step_drops_stale_statistics() -> None:
-    """model.zero_grad() (not opt.zero_grad()) after a skipped step: no stale statistics leak."""
-    good, bad, later = _batches("conv", 3)
-    model, opt, ref, ref_opt = _pair("conv", _adam)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    _scaled_train(model, opt, scaler, [good])
-    _reference_train(ref, ref_opt, [good], 0.1)
-    for batch, poison in ((bad, True), (later, False)):
-        model.zero_grad()
-        scaler.scale(_loss(model, batch)).backward()
-        if poison:
-            model[-1].weight.grad[0, 0] = float("inf")
-        scaler.step(opt)
-        scaler.update()
-    _reference_train(ref, ref_opt, [later], 0.1)
-    _assert_params(model, ref)
-
-
-def test_grad_scaler_unscale_precondition_clip_equals_unscaled() -> None:
-    """The AMP clipping recipe: unscale_, precondition_, clip, scaler.step == unscaled recipe."""
-    batches = _batches("conv", 3)
-    model, unscaled = _conv_net(), _conv_net()
-    opt, plain_opt = (
-        TrActOptimizer(_sgd(model), model[0]),
-        TrActOptimizer(_sgd(unscaled), unscaled[0]),
-    )
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    for batch in batches:
-        opt.zero_grad()
-        scaler.scale(_loss(model, batch)).backward()
-        scaler.unscale_(opt)
-        opt.precondition_()
-        norm = nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        scaler.step(opt)
-        scaler.update()
-
-        plain_opt.zero_grad()
-        _loss(unscaled, batch).backward()
-        plain_opt.precondition_()
-        assert torch.equal(norm, nn.utils.clip_grad_norm_(unscaled.parameters(), 0.1))
-        plain_opt.step()
     _assert_params(model, unscaled, exact=True)
 
 
@@ -346,31 +258,89 @@ def test_closure_runs_with_grad_then_preconditions() -> None:
 # --- clipping and precondition_ ------------------------------------------------------------------
 
 
-def test_clipping_sees_tract_gradient_and_step_does_not_redo_it() -> None:
-    """precondition_ → clip → step equals the reference clipped on the TrAct gradient."""
-    batches = _batches("conv", 3)
-    model, opt, ref, ref_opt = _pair("conv", _sgd)
-    for batch in batches:
-        opt.zero_grad()
-        _loss(model, batch).backward()
-        raw = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
-        opt.precondition_()
-        first = model[0].weight.grad.clone()
-        opt.precondition_()
-        assert torch.equal(model[0].weight.grad, first)
-        norm = nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        opt.step()
+@dataclass(frozen=True)
+class ClipCase:
+    """One way to clip the TrAct gradient between ``precondition_()`` and the step."""
 
-        ref_opt.zero_grad()
-        _loss(ref, batch).backward()
-        _apply_reference(ref[0], batch[0], 0.1)
-        torch.testing.assert_close(first, ref[0].weight.grad, atol=ATOL, rtol=RTOL)
-        ref_norm = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
-        torch.testing.assert_close(norm, ref_norm, atol=0, rtol=1e-5)
-        assert not torch.isclose(norm, raw, rtol=1e-2)
-        nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
-        ref_opt.step()
-    _assert_params(model, ref)
+    scaler: bool  # GradScaler: scaler.unscale_(opt) first, scaler.step(opt) instead of opt.step()
+    autocast: torch.dtype | None = None
+    by_hand: bool = False  # halve every gradient in place instead of clip_grad_norm_
+
+
+CLIP_CASES = {
+    "clip_grad_norm_": ClipCase(False),
+    "by hand": ClipCase(False, by_hand=True),
+    "GradScaler": ClipCase(True),
+    "GradScaler, bf16 autocast": ClipCase(True, torch.bfloat16),
+    "GradScaler, fp16 autocast": ClipCase(True, torch.float16),
+}
+
+
+def _clipped_steps(case: ClipCase) -> dict[str, Tensor]:
+    """Three steps of the recipe on ``tiny_net`` (SGD, lr 1, so a step moves every parameter by
+    exactly −its gradient), each checked in float64; returns the final state dict.
+
+    The clip halves the total norm of the TrAct gradients (raw gradients, the first weight's
+    through ``kit.tract_grad``), so it really acts; on inputs of scale 2 that norm is 6 % or more
+    away from the raw gradients' (what clipping before TrAct would measure).
+    """
+    model = tiny_net()
+    opt = TrActOptimizer(SGD(model.parameters(), lr=1.0), model.first, LAM)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=case.scaler)
+    for seed in range(3):
+        x, y = tiny_batch(seed, scale=2.0)
+        opt.zero_grad()
+        dtype, enabled = case.autocast or torch.bfloat16, case.autocast is not None
+        with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+            loss = F.cross_entropy(model(x), y)
+        scale = scaler.get_scale()
+        scaler.scale(loss).backward()
+        raw = {name: p.grad.double() / scale for name, p in model.named_parameters()}
+        rows = unfold_rows(model.first, x)
+        want = dict(raw)
+        want["first.weight"] = tract_grad(rows, raw["first.weight"], LAM)
+        total = torch.cat([g.flatten() for g in want.values()]).norm()
+        raw_total = torch.cat([g.flatten() for g in raw.values()]).norm()
+        before = {name: p.detach().double() for name, p in model.named_parameters()}
+
+        if case.scaler:
+            scaler.unscale_(opt)
+        opt.precondition_()
+        first = model.first.weight.grad.clone()
+        opt.precondition_()  # a second call changes nothing
+        assert torch.equal(model.first.weight.grad, first)
+        assert_update(first, raw["first.weight"], rows, LAM)
+        if case.by_hand:
+            coef = 0.5
+            for p in model.parameters():
+                p.grad.mul_(coef)
+        else:
+            norm = nn.utils.clip_grad_norm_(model.parameters(), float(total) / 2)
+            assert relative_error(norm, total) <= 1e-5  # it measured the TrAct gradient ...
+            assert relative_error(norm, raw_total) > 1e-2  # ... not the raw one
+            coef = float(total) / 2 / (float(norm) + 1e-6)
+        if case.scaler:
+            scaler.step(opt)  # must not precondition a second time
+            scaler.update()
+        else:
+            opt.step()
+
+        bound = ERROR_PER_COND * condition(rows, LAM)
+        for name, p in model.named_parameters():
+            moved = before[name] - p.detach().double()
+            assert relative_error(moved, coef * want[name]) <= bound, name
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("case", CLIP_CASES.values(), ids=CLIP_CASES.keys())
+def test_precondition_clip_step_steps_with_the_clipped_tract_gradient(case: ClipCase) -> None:
+    """The clipping recipe: precondition_() (twice is once), clip the TrAct gradient, step
+    without preconditioning again; with a GradScaler, scaler.unscale_(opt) first. Each step moves
+    the weights by clip(TrAct(g)) in float64. Without autocast, the scaled run equals the
+    unscaled one exactly (scaling by a power of two is exact)."""
+    params = _clipped_steps(case)
+    if case.scaler and case.autocast is None:
+        assert_same(params, _clipped_steps(CLIP_CASES["clip_grad_norm_"]))
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -386,16 +356,16 @@ def _save(model: nn.Module, opt: Optimizer) -> bytes:
 def test_state_dict_resume_equals_uninterrupted(make_opt: Callable[[nn.Module], Optimizer]) -> None:
     """N steps, save, load into fresh objects, M steps == N+M steps; λ comes back."""
     batches = _batches("conv", 5)
-    straight = _conv_net()
-    _train(straight, TrActOptimizer(make_opt(straight), straight[0], 0.2), batches)
+    straight = _net("conv")
+    _train(straight, TrActOptimizer(make_opt(straight), straight.first, 0.2), batches)
 
-    first = _conv_net()
-    first_opt = TrActOptimizer(make_opt(first), first[0], 0.2)
+    first = _net("conv")
+    first_opt = TrActOptimizer(make_opt(first), first.first, 0.2)
     _train(first, first_opt, batches[:3])
     blob = _save(first, first_opt)
 
-    resumed = _conv_net(seed=7)
-    resumed_opt = TrActOptimizer(make_opt(resumed), resumed[0], 0.5)
+    resumed = _net("conv", seed=7)
+    resumed_opt = TrActOptimizer(make_opt(resumed), resumed.first, 0.5)
     saved = torch.load(io.BytesIO(blob), weights_only=True)
     resumed.load_state_dict(saved["model"])
     resumed_opt.load_state_dict(saved["opt"])
@@ -407,7 +377,7 @@ def test_state_dict_resume_equals_uninterrupted(make_opt: Callable[[nn.Module], 
 def test_loads_a_plain_inner_state_dict() -> None:
     """Switching a plain Adam run to TrAct mid-training keeps its moments (and λ)."""
     first, later = _batches("conv", 2), _batches("conv", 2, seed=5)
-    plain = _conv_net()
+    plain = _net("conv")
     plain_opt = _adam(plain)
     _train(plain, plain_opt, first)
     saved = copy.deepcopy({"model": plain.state_dict(), "opt": plain_opt.state_dict()})
@@ -424,13 +394,13 @@ def test_loads_a_plain_inner_state_dict() -> None:
 
 def test_load_state_dict_rejects_wrong_structure_and_changes_nothing() -> None:
     """Wrong optimizer count or λ count: ValueError that says what is wrong; state untouched."""
-    model = _conv_net()
-    opt = TrActOptimizer(_adam(model), model[0], 0.3)
+    model = _net("conv")
+    opt = TrActOptimizer(_adam(model), model.first, 0.3)
     _train(model, opt, _batches("conv", 1))
     before = _state_snapshot(opt)
 
-    two = _conv_net()
-    multi = TrActOptimizer([_adam(two[0]), _adam(two[-1])], two[0])
+    two = _net("conv")
+    multi = TrActOptimizer([_adam(two.first), _adam(two.head)], two.first)
     with pytest.raises(ValueError, match="several optimizers"):
         opt.load_state_dict(multi.state_dict())
     with pytest.raises(ValueError, match="must come from 2 optimizers stepped together"):
@@ -446,13 +416,13 @@ def test_load_state_dict_rejects_wrong_structure_and_changes_nothing() -> None:
 def test_multi_optimizer_load_is_all_or_nothing() -> None:
     """A mismatch in the second inner optimizer leaves the first one unloaded too."""
 
-    def make(model: nn.Sequential, rest: list[Tensor]) -> TrActOptimizer:
-        first = SGD(model[0].parameters(), lr=0.05, momentum=0.9)
-        return TrActOptimizer([first, Adam(rest, lr=1e-2)], model[0])
+    def make(model: TinyNet, rest: list[Tensor]) -> TrActOptimizer:
+        first = SGD(model.first.parameters(), lr=0.05, momentum=0.9)
+        return TrActOptimizer([first, Adam(rest, lr=1e-2)], model.first)
 
-    source, target = _conv_net(), _conv_net()
-    source_opt = make(source, list(source[-1].parameters()))
-    target_opt = make(target, [target[-1].weight])
+    source, target = _net("conv"), _net("conv")
+    source_opt = make(source, list(source.head.parameters()))
+    target_opt = make(target, [target.head.weight])
     for model, opt in ((source, source_opt), (target, target_opt)):
         _train(model, opt, _batches("conv", 1))
     saved = source_opt.state_dict()
@@ -488,22 +458,22 @@ def test_accumulation_equals_big_batch(kind: str, micro: int, k: int) -> None:
 def test_zero_grad_between_forward_and_backward() -> None:
     """forward; zero_grad; backward; step equals the usual order."""
     batches = _batches("conv", 3)
-    model, usual = _conv_net(), _conv_net()
-    opt = TrActOptimizer(_adam(model), model[0])
+    model, usual = _net("conv"), _net("conv")
+    opt = TrActOptimizer(_adam(model), model.first)
     for batch in batches:
         loss = _loss(model, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    _train(usual, TrActOptimizer(_adam(usual), usual[0]), batches)
+    _train(usual, TrActOptimizer(_adam(usual), usual.first), batches)
     _assert_params(model, usual, exact=True)
 
 
 def test_unbackpropagated_passes_do_not_count() -> None:
     """Eval, no_grad and discarded train-mode passes, before and after the real forward."""
     batches, noise = _batches("conv", 3), _batches("conv", 3, seed=9)
-    model, clean = _conv_net(), _conv_net()
-    opt = TrActOptimizer(_adam(model), model[0])
+    model, clean = _net("conv"), _net("conv")
+    opt = TrActOptimizer(_adam(model), model.first)
 
     def distract() -> None:
         model.eval()
@@ -521,7 +491,7 @@ def test_unbackpropagated_passes_do_not_count() -> None:
         loss.backward()
         distract()
         opt.step()
-    _train(clean, TrActOptimizer(_adam(clean), clean[0]), batches)
+    _train(clean, TrActOptimizer(_adam(clean), clean.first), batches)
     _assert_params(model, clean, exact=True)
 
 
@@ -530,11 +500,11 @@ def test_frozen_then_unfrozen_first_layer() -> None:
     batches = _batches("conv", 4)
     model, opt, ref, ref_opt = _pair("conv", _adam)
     for m in (model, ref):
-        m[0].requires_grad_(False)
+        m.first.requires_grad_(False)
     _train(model, opt, batches[:2])
     _train(ref, ref_opt, batches[:2])
     for m in (model, ref):
-        m[0].requires_grad_(True)
+        m.first.requires_grad_(True)
     _train(model, opt, batches[2:])
     _reference_train(ref, ref_opt, batches[2:], 0.1)
     _assert_params(model, ref)
@@ -547,14 +517,14 @@ def test_sgd_first_layer_adam_rest() -> None:
     """[SGD(first, momentum 0.9), Adam(rest)] + StepLR equals the hand-written loop."""
     batches = _batches("conv", 4)
 
-    def make(model: nn.Sequential) -> list[Optimizer]:
+    def make(model: TinyNet) -> list[Optimizer]:
         return [
-            SGD(model[0].parameters(), lr=0.05, momentum=0.9),
-            Adam(model[-1].parameters(), lr=1e-2),
+            SGD(model.first.parameters(), lr=0.05, momentum=0.9),
+            Adam(model.head.parameters(), lr=1e-2),
         ]
 
-    model, ref = _conv_net(), _conv_net()
-    opt = TrActOptimizer(make(model), model[0])
+    model, ref = _net("conv"), _net("conv")
+    opt = TrActOptimizer(make(model), model.first)
     ref_opts = make(ref)
     inner_groups = [g for o in opt.optimizers for g in o.param_groups]
     assert all(a is b for a, b in zip(opt.param_groups, inner_groups, strict=True))
@@ -565,45 +535,30 @@ def test_sgd_first_layer_adam_rest() -> None:
         for o in ref_opts:
             o.zero_grad()
         _loss(ref, batch).backward()
-        _apply_reference(ref[0], batch[0], 0.1)
+        _apply_reference(ref.first, batch[0], 0.1)
         for o, ref_sched in zip(ref_opts, ref_scheds, strict=True):
             o.step()
             ref_sched.step()
         sched.step()
     assert [g["lr"] for g in opt.param_groups] == [0.05 / 4, 1e-2 / 4]
     _assert_params(model, ref)
-    assert model[0].weight in opt.state and "momentum_buffer" in opt.state[model[0].weight]
-    assert "exp_avg" in opt.state[model[-1].weight]
+    assert model.first.weight in opt.state and "momentum_buffer" in opt.state[model.first.weight]
+    assert "exp_avg" in opt.state[model.head.weight]
     # Reading a parameter's state went to its own optimizer, so both still save.
-    assert model[-1].weight not in opt.optimizers[0].state
+    assert model.head.weight not in opt.optimizers[0].state
     saved = opt.state_dict()
     assert saved["groups_per_optimizer"] == [1, 1]
     assert sorted(saved["state"]) == [0, 1, 2, 3]  # numbered across the optimizers, in order
     assert [g["params"] for g in saved["param_groups"]] == [[0, 1], [2, 3]]
 
 
-class _TwoInputs(nn.Module):
-    """An image branch (Conv2d first layer) and a vector branch (Linear first layer)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 2, 3)
-        self.dense = nn.Linear(6, 4)
-        self.head = nn.Linear(2 * 3 * 3 + 4, 3)
-
-    def forward(self, image: Tensor, vector: Tensor) -> Tensor:
-        a = torch.relu(self.conv(image)).flatten(1)
-        b = torch.tanh(self.dense(vector))
-        return self.head(torch.cat([a, b], 1))  # type: ignore[no-any-return]
-
-
 def _two_input_batches(count: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Images (5, 3, 5, 5), one token (5, 1, 6) per image, and labels."""
     gen = torch.Generator().manual_seed(3)
     for _ in range(count):
         yield (
             torch.randn(5, 3, 5, 5, generator=gen),
-            torch.randn(5, 6, generator=gen),
+            torch.randn(5, 1, 6, generator=gen),
             torch.randint(0, 3, (5,), generator=gen),
         )
 
@@ -611,8 +566,8 @@ def _two_input_batches(count: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
 def test_several_first_layers_with_own_lam_and_set_lam() -> None:
     """Two first layers, λ per layer, changed between steps by index, module and for all."""
     lam_steps = [(0.05, 0.3), (0.05, 0.7), (0.2, 0.7), (0.4, 0.4)]
-    model, ref = _TwoInputs(), _TwoInputs()
-    opt = TrActOptimizer(_adam(model), [model.conv, model.dense], lam=[0.05, 0.3])
+    model, ref = two_stem(width=2, padding=0), two_stem(width=2, padding=0)
+    opt = TrActOptimizer(_adam(model), [model.conv, model.lin], lam=[0.05, 0.3])
     ref_opt = _adam(ref)
     for i, (image, vector, y) in enumerate(_two_input_batches(len(lam_steps))):
         if i == 1:
@@ -628,7 +583,7 @@ def test_several_first_layers_with_own_lam_and_set_lam() -> None:
         ref_opt.zero_grad()
         F.cross_entropy(ref(image, vector), y).backward()
         _apply_reference(ref.conv, image, lam_steps[i][0])
-        _apply_reference(ref.dense, vector, lam_steps[i][1])
+        _apply_reference(ref.lin, vector, lam_steps[i][1])
         ref_opt.step()
         _assert_params(model, ref)
 
@@ -636,16 +591,17 @@ def test_several_first_layers_with_own_lam_and_set_lam() -> None:
 def test_set_lam_changes_the_update_as_the_closed_form_predicts() -> None:
     """Gradient after set_lam(λ2) is the closed form at λ2, not at the λ the optimizer started."""
     (batch,) = _batches("linear", 1, 8)
-    model = _linear_net()
-    opt = TrActOptimizer(_sgd(model), model[0], lam=0.1)
+    model = _net("linear")
+    opt = TrActOptimizer(_sgd(model), model.first, lam=0.1)
     opt.set_lam(2.5)
     opt.zero_grad()
     _loss(model, batch).backward()
-    raw = model[0].weight.grad.clone()
+    raw = model.first.weight.grad.clone()
     opt.precondition_()
-    expected = _reference_grad(model[0], batch[0], raw, 2.5)
-    torch.testing.assert_close(model[0].weight.grad, expected, atol=ATOL, rtol=RTOL)
-    assert not torch.allclose(expected, _reference_grad(model[0], batch[0], raw, 0.1), rtol=0.1)
+    rows = unfold_rows(model.first, batch[0])
+    assert_update(model.first.weight.grad, raw, rows, 2.5)
+    expected = tract_grad(rows, raw, 2.5)
+    assert not torch.allclose(expected, tract_grad(rows, raw, 0.1), rtol=0.1)
 
 
 def test_two_param_groups_in_one_adam() -> None:
@@ -655,8 +611,8 @@ def test_two_param_groups_in_one_adam() -> None:
     def make(model: nn.Module) -> Optimizer:
         return Adam(
             [
-                {"params": model[0].parameters(), "lr": 3e-2, "weight_decay": 0.1},
-                {"params": model[-1].parameters()},
+                {"params": model.first.parameters(), "lr": 3e-2, "weight_decay": 0.1},
+                {"params": model.head.parameters()},
             ],
             lr=1e-3,
         )
@@ -674,9 +630,9 @@ def test_two_param_groups_in_one_adam() -> None:
 def test_after_remove_trains_like_plain_inner(use_with: bool) -> None:
     """After remove() or leaving ``with``, updates equal the plain inner optimizer's exactly."""
     batches = _batches("conv", 5)
-    model = _conv_net()
+    model = _net("conv")
     inner = _adam(model)
-    opt = TrActOptimizer(inner, model[0])
+    opt = TrActOptimizer(inner, model.first)
     if use_with:
         with opt as entered:
             assert entered is opt
@@ -684,7 +640,7 @@ def test_after_remove_trains_like_plain_inner(use_with: bool) -> None:
     else:
         _train(model, opt, batches[:2])
         opt.remove()
-    assert not model[0]._forward_hooks
+    assert not model.first._forward_hooks
     assert "hooks removed" in repr(opt)
     twin = copy.deepcopy(model)
     twin_opt = _adam(twin)
@@ -696,14 +652,14 @@ def test_after_remove_trains_like_plain_inner(use_with: bool) -> None:
 
 def test_step_and_state_dict_hooks_fire() -> None:
     """Hooks registered on the wrapper fire once per call with the wrapper as argument."""
-    model = _conv_net()
-    opt = TrActOptimizer(_adam(model), model[0])
+    model = _net("conv")
+    opt = TrActOptimizer(_adam(model), model.first)
     calls: list[str] = []
     raw_at_pre: list[Tensor] = []
 
     def pre(o: Optimizer, args: Any, kwargs: Any) -> None:
         assert o is opt
-        raw_at_pre.append(model[0].weight.grad.clone())
+        raw_at_pre.append(model.first.weight.grad.clone())
         calls.append("pre")
 
     opt.register_step_pre_hook(pre)
@@ -715,7 +671,7 @@ def test_step_and_state_dict_hooks_fire() -> None:
     (batch,) = _batches("conv", 1)
     opt.zero_grad()
     _loss(model, batch).backward()
-    raw = model[0].weight.grad.clone()
+    raw = model.first.weight.grad.clone()
     opt.step()
     assert torch.equal(raw_at_pre[0], raw)
     opt.load_state_dict(opt.state_dict())
@@ -723,17 +679,17 @@ def test_step_and_state_dict_hooks_fire() -> None:
 
 
 def test_repr_is_readable() -> None:
-    model = _conv_net()
-    text = repr(TrActOptimizer(_adam(model), model[0], 0.2))
+    model = _net("conv")
+    text = repr(TrActOptimizer(_adam(model), model.first, 0.2))
     assert text.startswith("TrActOptimizer(layers=[Conv2d(n=27, groups=1, lam=0.2)]")
     assert "Adam (" in text and "lr: 0.01" in text
 
 
 def test_step_without_gradient_or_statistics_is_a_noop() -> None:
     """A bare step (e.g. a checkpoint loader's) changes no weight and creates no state."""
-    model = _conv_net()
+    model = _net("conv")
     weights = copy.deepcopy(model.state_dict())
-    opt = TrActOptimizer(_adam(model), model[0])
+    opt = TrActOptimizer(_adam(model), model.first)
     opt.step()
     opt.zero_grad()
     opt.step()

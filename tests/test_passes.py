@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -108,7 +107,9 @@ def test_backward_with_inputs_excluding_the_weight_counts_nothing(compiled: bool
     raw = twin_grad(model, lambda m: loss(m(x2)).backward(), "first")
     loss(run(x2)).backward()
     opt.step()
-    assert_moved_by(before, model.first.weight, tract_grad(stacked_rows(model.first, [x2]), raw, LAM))
+    assert_moved_by(
+        before, model.first.weight, tract_grad(stacked_rows(model.first, [x2]), raw, LAM)
+    )
 
 
 class _FailsInBackward(torch.autograd.Function):
@@ -137,7 +138,9 @@ def test_failed_backward_then_model_zero_grad_counts_only_the_next_batch(compile
     raw = twin_grad(model, lambda m: loss(m(x2)).backward(), "first")
     loss(run(x2)).backward()
     opt.step()
-    assert_moved_by(before, model.first.weight, tract_grad(stacked_rows(model.first, [x2]), raw, LAM))
+    assert_moved_by(
+        before, model.first.weight, tract_grad(stacked_rows(model.first, [x2]), raw, LAM)
+    )
 
 
 def test_failed_backward_that_reached_the_weight_counts_with_its_gradient() -> None:
@@ -159,7 +162,7 @@ def test_failed_backward_that_reached_the_weight_counts_with_its_gradient() -> N
     assert_moved_by(before, model.first.weight, expected)
 
 
-# --- 2. passes reached by several backward calls ---------------------------------------------------
+# --- 2. passes reached by several backward calls --------------------------------------------------
 
 
 @COMPILED
@@ -222,7 +225,7 @@ def test_retained_graph_backpropagated_again_after_a_step_raises() -> None:
     assert torch.equal(model.first.weight, before)
 
 
-# --- 3. "already preconditioned" belongs to the step ------------------------------------------------
+# --- 3. "already preconditioned" belongs to the step ----------------------------------------------
 
 
 @COMPILED
@@ -243,7 +246,7 @@ def test_gradient_replaced_out_of_place_after_precondition_is_not_redone(compile
     assert_moved_by(before, model.first.weight, expected)
 
 
-# --- 4. layers that share one weight ---------------------------------------------------------------
+# --- 4. layers that share one weight --------------------------------------------------------------
 
 
 class Tied(nn.Module):
@@ -307,7 +310,9 @@ def test_replaced_weight_is_followed_when_the_optimizer_holds_it() -> None:
     raw = twin_grad(model, lambda m: loss(m(x)).backward(), "first")
     loss(model(x)).backward()
     opt.step()
-    assert_moved_by(before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM))
+    assert_moved_by(
+        before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM)
+    )
 
 
 def test_replaced_weight_the_optimizer_does_not_hold_raises_at_step() -> None:
@@ -383,7 +388,9 @@ def test_failed_construction_leaves_the_working_optimizer_alone() -> None:
     raw = twin_grad(model, lambda m: loss(m(x)).backward(), "first")
     loss(model(x)).backward()
     opt.step()  # still preconditions: it was not superseded
-    assert_moved_by(before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM))
+    assert_moved_by(
+        before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM)
+    )
 
 
 def test_frozen_first_layer_is_accepted_and_trained_once_unfrozen() -> None:
@@ -400,7 +407,9 @@ def test_frozen_first_layer_is_accepted_and_trained_once_unfrozen() -> None:
     raw = twin_grad(model, lambda m: loss(m(x)).backward(), "first")
     loss(model(x)).backward()
     opt.step()
-    assert_moved_by(frozen, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM))
+    assert_moved_by(
+        frozen, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM)
+    )
 
 
 @pytest.mark.parametrize("bad", [None, 3, "conv1"])
@@ -476,7 +485,9 @@ def test_deleted_optimizers_take_their_hooks_with_them() -> None:
     raw = twin_grad(model, lambda m: loss(m(x)).backward(), "first")
     loss(model(x)).backward()
     opt.step()
-    assert_moved_by(before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM))
+    assert_moved_by(
+        before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM)
+    )
 
 
 # --- 9. torch conventions ------------------------------------------------------------------------
@@ -486,7 +497,10 @@ def test_deleted_optimizers_take_their_hooks_with_them() -> None:
 def test_global_step_hooks_fire_once_per_inner_step(several: bool) -> None:
     model = conv_net()
     inner: list[torch.optim.Optimizer] = (
-        [torch.optim.SGD(model.first.parameters(), lr=0.1), torch.optim.Adam(model.head.parameters())]
+        [
+            torch.optim.SGD(model.first.parameters(), lr=0.1),
+            torch.optim.Adam(model.head.parameters()),
+        ]
         if several
         else [sgd(model)]
     )

@@ -19,9 +19,17 @@ from typing import Any
 
 import pytest
 import torch
-from reference import tract_grad
 from torch import Tensor, nn
 
+from tests.kit import (
+    TinyNet,
+    assert_update,
+    random_batch,
+    relative_error,
+    token_net,
+    tract_grad,
+    unfold_rows,
+)
 from tract_optim import TrActOptimizer
 
 LAM = 0.1
@@ -56,31 +64,21 @@ class DictCopy:
 PROXIES: list[Callable[[TrActOptimizer], Any]] = [Forwarding, DictCopy]
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Linear(5, 4)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.tanh(self.first(x)))  # type: ignore[no-any-return]
-
-
-def setup(lam: float = LAM, **tract: Any) -> tuple[Net, TrActOptimizer]:
-    """SGD with lr 1 and no momentum: a step moves the first weight by exactly −gradient."""
-    torch.manual_seed(0)
-    model = Net()
+def setup(lam: float = LAM, **tract: Any) -> tuple[TinyNet, TrActOptimizer]:
+    """A Linear(5 → 4) first layer under SGD with lr 1 and no momentum: a step moves the first
+    weight by exactly −gradient."""
+    model = token_net(n=5, width=4, act=nn.Tanh())
     return model, TrActOptimizer(
         torch.optim.SGD(model.parameters(), lr=1.0), model.first, lam, **tract
     )
 
 
 def batch(seed: int) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(6, 5, generator=gen) * torch.tensor([0.2, 0.5, 1.0, 2.0, 3.0])
+    """6 rows whose 5 features have very different scales."""
+    return random_batch((6, 5), seed, scale=torch.tensor([0.2, 0.5, 1.0, 2.0, 3.0]))[0]
 
 
-def backward(model: Net, x: Tensor) -> Tensor:
+def backward(model: TinyNet, x: Tensor) -> Tensor:
     """Backward of a fixed loss; returns the raw first-layer gradient (float64 copy)."""
     model(x).pow(2).sum().backward()
     grad = model.first.weight.grad
@@ -88,22 +86,20 @@ def backward(model: Net, x: Tensor) -> Tensor:
     return grad.double().clone()
 
 
-def reference_update(x: Tensor, raw: Tensor, lam: float, times: int = 1) -> Tensor:
-    """−(G · (XᵀX/r + λI)⁻¹ applied ``times`` times), in float64."""
-    rows = x.double().reshape(1, -1, x.shape[-1])
-    for _ in range(times):
-        raw = tract_grad(rows, raw, lam)
-    return -raw
+def assert_moved_by_tract(
+    before: Tensor, model: TinyNet, x: Tensor, raw: Tensor, lam: float
+) -> None:
+    """The weight moved by exactly −TrAct(raw), and that is distinguishable from TrAct off and
+    TrAct twice (what this check must be able to catch).
 
-
-def assert_update(before: Tensor, model: Net, x: Tensor, raw: Tensor, lam: float) -> None:
-    """The weight moved by exactly −TrAct(raw) (relative 1e-5), and that is distinguishable."""
-    delta = model.first.weight.detach().double() - before
-    want = reference_update(x, raw, lam)
-    scale = float(want.abs().max())
-    assert float((delta - want).abs().max()) <= 1e-5 * scale
-    for times in (0, 2):  # TrAct off, TrAct twice: what this check must be able to catch
-        assert float((reference_update(x, raw, lam, times) - want).abs().max()) > 1e-2 * scale
+    cond(M) is 127–478 on these rows, so ``assert_update``'s bound is 2e-4–9e-4: the fixed 1e-5
+    this check has always used is stricter and stays (measured errors are about 1e-6).
+    """
+    rows = unfold_rows(model.first, x)
+    assert assert_update(before - model.first.weight.detach().double(), raw, rows, lam) <= 1e-5
+    want = tract_grad(rows, raw, lam)
+    for wrong in (raw, tract_grad(rows, want, lam)):
+        assert relative_error(wrong, want) > 1e-2
 
 
 @pytest.mark.parametrize("proxy", PROXIES)
@@ -122,7 +118,7 @@ def test_precondition_then_step_preconditions_once(
     raw = backward(model, x)
     proxies[precondition_by].precondition_()
     proxies[step_by].step()
-    assert_update(before, model, x, raw, LAM)
+    assert_moved_by_tract(before, model, x, raw, LAM)
 
 
 @pytest.mark.parametrize("proxy", PROXIES)
@@ -151,7 +147,7 @@ def test_set_lam_through_proxy_reaches_the_optimizer(
     x = batch(1)
     raw = backward(model, x)
     opt.step()
-    assert_update(before, model, x, raw, NEW_LAM)
+    assert_moved_by_tract(before, model, x, raw, NEW_LAM)
 
 
 @pytest.mark.parametrize("proxy", PROXIES)
@@ -159,8 +155,7 @@ def test_load_state_dict_through_proxy_reaches_the_optimizer(
     proxy: Callable[[TrActOptimizer], Any],
 ) -> None:
     """λ and the inner state (SGD momentum) loaded through a proxy are the real optimizer's."""
-    torch.manual_seed(0)
-    source = Net()
+    source = token_net(n=5, width=4, act=nn.Tanh())
     saved_opt = TrActOptimizer(
         torch.optim.SGD(source.parameters(), lr=0.5, momentum=0.9), source.first, NEW_LAM
     )
@@ -197,7 +192,7 @@ def test_clip_norm_through_proxy(proxy: Callable[[TrActOptimizer], Any]) -> None
     before = model.first.weight.detach().double().clone()
     wrapped.precondition_()
     wrapped.step()
-    tract = -reference_update(x, raw, LAM)
+    tract = tract_grad(unfold_rows(model.first, x), raw, LAM)
     norm = torch.cat([g.flatten() for g in (tract, *others)]).norm()
     assert wrapped.last_grad_norm is opt.last_grad_norm
     assert opt.last_grad_norm is not None

@@ -153,7 +153,7 @@ def test_the_warnings_remedy_removes_the_warning_and_the_error() -> None:
 
 
 def test_checkpoint_keeps_the_precision_choice() -> None:
-    model, size, batch, flat = build("patch8")
+    model, size, batch, _ = build("patch8")
     opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.first)
     model(smooth_images(batch, size, 0)).sum().backward()
     opt.step()

@@ -1,4 +1,4 @@
-"""``tract_optim.solve`` against ``reference.tract_grad`` (float64 LU), with tolerances scaled to
+"""``tract_optim.solve`` against ``kit.tract_grad`` (float64 LU), with tolerances scaled to
 the problem: a multiple of unit roundoff × cond(XᵀX/r + λI), never a fixed float64-noise constant.
 Failure paths are made deterministic by construction (a matrix that is exactly singular in fp32)
 or by injecting a failing ``cholesky_ex``.
@@ -17,9 +17,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import U32, U64, damped, relative_error, tract_grad
 from torch import Tensor, nn
 
+from tests.kit import U32, U64, damped, relative_error, tract_grad
 from tract_optim import TrActOptimizer, solve
 
 SETTINGS = settings(max_examples=40, deadline=None)

@@ -1,6 +1,6 @@
 """``tract_optim.unfold`` against independent unfolds.
 
-Two references: a one-hot-weight convolution (``reference.unfold_rows``), which must give
+Two references: a one-hot-weight convolution (``kit.unfold_rows``), which must give
 the same rows entry for entry, and BackPACK's check that the rows times the flattened weight
 (plus bias) rebuild the layer's own output, which involves no padding arithmetic at all.
 """
@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 
 import pytest
-import timm_like
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import assert_fp32_gram, unfold_rows
 from torch import Tensor, nn
 
+from tests.kit import assert_fp32_gram, draw_conv, timm_like, unfold_rows
 from tract_optim import unfold
-
-DrawConv = Callable[..., tuple[nn.Module, Tensor]]
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -63,7 +59,7 @@ def check_rows(layer: nn.Module, x: Tensor) -> None:
 
 @SETTINGS
 @given(data=st.data())
-def test_conv_rows_match_independent_unfolds(data: st.DataObject, draw_conv: DrawConv) -> None:
+def test_conv_rows_match_independent_unfolds(data: st.DataObject) -> None:
     """Every stride/padding/dilation/groups/padding_mode/layout/batching gives the exact rows."""
     layer, x = draw_conv(data)
     check_rows(layer, x)
@@ -142,7 +138,7 @@ def test_linear_rows(
 
 @SETTINGS
 @given(data=st.data(), chunk_bytes=st.sampled_from([1, 40, 300, 5000, unfold.DEFAULT_CHUNK_BYTES]))
-def test_conv_gram_is_rows_gram(data: st.DataObject, chunk_bytes: int, draw_conv: DrawConv) -> None:
+def test_conv_gram_is_rows_gram(data: st.DataObject, chunk_bytes: int) -> None:
     """gram() equals xᵀx of the independent rows for any chunking (1 byte: one image a chunk)."""
     layer, x = draw_conv(data)
     assert_fp32_gram(unfold.gram(layer, x, chunk_bytes=chunk_bytes), unfold_rows(layer, x))
@@ -318,7 +314,7 @@ def test_same_named_class_outside_timm_pads_by_its_attributes() -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
-def test_check_pass_accepts_every_plain_layer(data: st.DataObject, draw_conv: DrawConv) -> None:
+def test_check_pass_accepts_every_plain_layer(data: st.DataObject) -> None:
     """Never a false alarm: any Conv1d/2d/3d configuration's own output passes."""
     layer, x = draw_conv(data)
     with torch.no_grad():

@@ -10,7 +10,7 @@
   received, and a post-hook on the last one the weight change.
 
 ``check_step`` then computes in float64 what the inner optimizer must have received: the raw first
-layer gradient times (XᵀX/r + λI)⁻¹ (``reference.tract_grad``, ``torch.linalg.solve``),
+layer gradient times (XᵀX/r + λI)⁻¹ (``kit.tract_grad`` on ``kit.stacked_rows``),
 the other gradients unchanged, the whole set clipped to ``max_norm`` if asked. It also checks that
 the comparison can fail: TrAct switched off, applied twice, or applied after clipping would each be
 at least ``SEPARATION`` away.
@@ -28,10 +28,17 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
-from reference import tract_grad
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from tests.kit import (
+    TinyNet,
+    conv_net,
+    max_relative_error,
+    random_batch,
+    stacked_rows,
+    tract_grad,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "scripts" / "examples"
 #: Largest error allowed, relative to the largest entry of the expected gradient.
@@ -55,52 +62,24 @@ def import_example(name: str) -> ModuleType:
     return importlib.import_module(f"scripts.examples.{name}")
 
 
-class TinyNet(nn.Module):
-    """Conv2d(2 → 4, 3×3, padding 1) as ``conv1`` on 2×5×5 images, ReLU, a linear head."""
-
-    def __init__(self, classes: int = 3) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.head = nn.Linear(4 * 5 * 5, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.relu(self.conv1(x)).flatten(1))  # type: ignore[no-any-return]
-
-
-def tiny_net(seed: int = 0) -> TinyNet:
-    """A seeded ``TinyNet`` whose head starts 3× larger than torch's default.
+def framework_net(seed: int = 0) -> TinyNet:
+    """``kit.conv_net`` on 2×5×5 images, its first layer named ``conv1`` (as in the example
+    scripts), with a head 3× larger than torch's default.
 
     That makes the first layer's gradient a large part of the total gradient norm, so clipping
     before or after TrAct gives visibly different updates.
     """
-    torch.manual_seed(seed)
-    net = TinyNet()
+    net = conv_net(channels=2, size=5, first_name="conv1", seed=seed)
     with torch.no_grad():
         net.head.weight.mul_(3)
     return net
 
 
-def tiny_data(count: int, seed: int = 1, classes: int = 3) -> tuple[Tensor, Tensor]:
+def framework_data(count: int, seed: int = 1) -> tuple[Tensor, Tensor]:
     """``count`` images (2×5×5) whose two channels have very different scales, and labels."""
-    gen = torch.Generator().manual_seed(seed)
-    scales = torch.tensor(INPUT_SCALES).reshape(1, 2, 1, 1)
-    x = torch.randn(count, 2, 5, 5, generator=gen) * scales
-    return x, torch.randint(0, classes, (count,), generator=gen)
-
-
-def reference_rows(conv: nn.Conv2d, inputs: list[Tensor]) -> Tensor:
-    """The patches of a stride-1 Conv2d's inputs as rows (1, r, n) in float64, by slicing."""
-    assert conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-    assert isinstance(conv.padding, tuple)
-    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
-    rows = []
-    for x in inputs:
-        padded = F.pad(x.double(), (pw, pw, ph, ph))
-        height, width = padded.shape[2] - kh + 1, padded.shape[3] - kw + 1
-        for i in range(height):
-            for j in range(width):
-                rows.append(padded[:, :, i : i + kh, j : j + kw].reshape(x.shape[0], -1))
-    return torch.cat(rows).unsqueeze(0)
+    return random_batch(
+        (count, 2, 5, 5), seed, scale=torch.tensor(INPUT_SCALES).reshape(1, 2, 1, 1)
+    )
 
 
 @dataclass
@@ -185,7 +164,7 @@ def expected(
     grads = {name: g / step.scale for name, g in step.raw.items()}
     if clip_first:
         grads = _clipped(grads, max_norm)
-    rows = reference_rows(conv, step.inputs)
+    rows = stacked_rows(conv, step.inputs)
     for _ in range(times):
         grads[first] = tract_grad(rows, grads[first], lam)
     return grads if clip_first else _clipped(grads, max_norm)
@@ -198,12 +177,6 @@ def _clipped(grads: dict[str, Tensor], max_norm: float | None) -> dict[str, Tens
     total = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
     coef = min(1.0, max_norm / (total + 1e-6))
     return {name: g * coef for name, g in grads.items()}
-
-
-def relative_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
-    """max over parameters of max|got − want| / max|want|."""
-    assert got.keys() == want.keys(), (sorted(got), sorted(want))
-    return max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want)
 
 
 def check_step(
@@ -220,7 +193,7 @@ def check_step(
     −lr × that gradient. Every wrong variant must be at least ``SEPARATION`` away.
     """
     want = expected(step, conv, lam, max_norm)
-    error = relative_error(step.received, want)
+    error = max_relative_error(step.received, want)
     assert error <= TOLERANCE, f"inner optimizer got a gradient {error:.2e} off the reference"
     first = "conv1.weight"
     wrongs = {
@@ -232,12 +205,12 @@ def check_step(
         unclipped = expected(step, conv, lam)
         wrongs["not clipped"] = unclipped
     for what, wrong in wrongs.items():
-        gap = relative_error({first: wrong[first]}, {first: want[first]})
+        gap = max_relative_error({first: wrong[first]}, {first: want[first]})
         assert gap >= SEPARATION, f"this step cannot tell the right update from {what} ({gap})"
     if sgd_lr:
         assert step.after is not None
         delta = {first: step.after - step.before}
-        update = relative_error(delta, {first: -step.lr * want[first]})
+        update = max_relative_error(delta, {first: -step.lr * want[first]})
         assert update <= TOLERANCE, f"first-layer update {update:.2e} off the reference"
         error = max(error, update)
     return error

@@ -1,8 +1,9 @@
 """TrAct with real Hugging Face Accelerate (CPU): every inner step against the float64 reference.
 
 The training loop is ``scripts/examples/accelerate_example.py``'s ``train_epoch`` (the README's
-Accelerate block); the model is ``TinyNet`` on data whose channels have very different scales, so
-that TrAct, TrAct twice and no TrAct differ by far more than the tolerance (``check_step``).
+Accelerate block); the model is ``framework_net`` on data whose channels have very different
+scales, so that TrAct, TrAct twice and no TrAct differ by far more than the tolerance
+(``check_step``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _frameworks import UpdateRecorder, check_step, import_example, require, tiny_data, tiny_net
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.integrations._frameworks import (
+    UpdateRecorder,
+    check_step,
+    framework_data,
+    framework_net,
+    import_example,
+    require,
+)
+from tests.kit import ErrorLog
 from tract_optim import TrActOptimizer
 
 accelerate = require("accelerate")
@@ -26,7 +35,6 @@ BATCH = 4
 LR = 0.5
 LAM = 0.1
 CLIP = 0.05
-ERRORS: dict[str, float] = {}
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +46,7 @@ def fresh_accelerator_state() -> Iterator[None]:
 
 
 def loader(batches: int, batch: int = BATCH) -> DataLoader[Any]:
-    x, y = tiny_data(batches * batch)
+    x, y = framework_data(batches * batch)
     return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
 
 
@@ -52,9 +60,9 @@ def check_all(recorder: UpdateRecorder, lam: float = LAM, clip: float | None = N
 
 
 @pytest.mark.parametrize("order", ["optimizer, then prepare all", "prepare model first"])
-def test_prepare_before_and_after_creating_the_optimizer(order: str) -> None:
+def test_prepare_before_and_after_creating_the_optimizer(order: str, error_log: ErrorLog) -> None:
     accelerator = accelerate.Accelerator(cpu=True)
-    model = tiny_net()
+    model = framework_net()
     recorder = UpdateRecorder(model)
     if order == "prepare model first":
         model = accelerator.prepare(model)
@@ -72,12 +80,12 @@ def test_prepare_before_and_after_creating_the_optimizer(order: str) -> None:
     recorder.watch(tract.optimizers)
     example.train_epoch(accelerator, model, opt, sched, data)
     assert [step.lr for step in recorder.steps] == [LR, LR / 2, LR / 4]
-    ERRORS[f"prepare ({order})"] = check_all(recorder)
+    error_log.record(f"accelerate prepare ({order})", check_all(recorder))
 
 
 def accumulated_run(accumulate: int, batch: int, clip: float | None = None) -> UpdateRecorder:
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
-    model = tiny_net()
+    model = framework_net()
     recorder = UpdateRecorder(model)
     sgd = torch.optim.SGD(model.parameters(), lr=LR)
     opt = TrActOptimizer(sgd, model.conv1, LAM, clip_grad_norm=clip)
@@ -88,11 +96,11 @@ def accumulated_run(accumulate: int, batch: int, clip: float | None = None) -> U
     return recorder
 
 
-def test_accumulate_equals_the_big_batch() -> None:
+def test_accumulate_equals_the_big_batch(error_log: ErrorLog) -> None:
     """Two micro-batches of 4 per step == one batch of 8, and both match the reference."""
     small = accumulated_run(accumulate=2, batch=4)
     assert [len(step.inputs) for step in small.steps] == [2]
-    ERRORS["accumulate(), 2 micro-batches"] = check_all(small)
+    error_log.record("accelerate accumulate(), 2 micro-batches", check_all(small))
     accelerate.state.GradientState._reset_state()
     big = accumulated_run(accumulate=1, batch=8)
     scale = float(big.model.conv1.weight.detach().abs().max())
@@ -100,21 +108,21 @@ def test_accumulate_equals_the_big_batch() -> None:
         assert float((a - b).detach().abs().max()) <= 1e-6 * scale
 
 
-def test_clip_grad_norm_option_with_accumulation() -> None:
+def test_clip_grad_norm_option_with_accumulation(error_log: ErrorLog) -> None:
     """The recommended recipe: TrActOptimizer clips the TrAct gradient inside step()."""
     recorder = accumulated_run(accumulate=2, batch=2, clip=CLIP)
     assert [len(step.inputs) for step in recorder.steps] == [2, 2]
-    ERRORS["clip_grad_norm= with accumulate()"] = check_all(recorder, clip=CLIP)
+    error_log.record("accelerate clip_grad_norm= with accumulate()", check_all(recorder, clip=CLIP))
 
 
-def test_precondition_then_accelerator_clip_grad_norm() -> None:
+def test_precondition_then_accelerator_clip_grad_norm(error_log: ErrorLog) -> None:
     """The other recipe: precondition on the sync step, then accelerator.clip_grad_norm_.
 
     ``AcceleratedOptimizer`` does not forward ``precondition_``: call it on the TrActOptimizer
     that went into ``prepare`` (here ``tract``; ``opt.optimizer`` is the same object).
     """
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
-    model = tiny_net()
+    model = framework_net()
     recorder = UpdateRecorder(model)
     tract = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model.conv1, LAM)
     recorder.watch(tract.optimizers)
@@ -129,7 +137,9 @@ def test_precondition_then_accelerator_clip_grad_norm() -> None:
             opt.step()
             opt.zero_grad()
     assert len(recorder.steps) == 2
-    ERRORS["precondition_ + accelerator.clip_grad_norm_"] = check_all(recorder, clip=CLIP)
+    error_log.record(
+        "accelerate precondition_ + accelerator.clip_grad_norm_", check_all(recorder, clip=CLIP)
+    )
 
 
 def run_state(
@@ -137,7 +147,7 @@ def run_state(
 ) -> tuple[Any, tuple[float, ...], UpdateRecorder]:
     """Train ``epochs`` epochs; optionally save after ``save_after`` of them or load first."""
     accelerator = accelerate.Accelerator(cpu=True)
-    model = tiny_net(seed)
+    model = framework_net(seed)
     recorder = UpdateRecorder(model)
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     opt = TrActOptimizer(sgd, model.conv1, LAM, clip_grad_norm=CLIP)
@@ -158,7 +168,7 @@ def run_state(
     return accelerator.unwrap_model(model), lams, recorder
 
 
-def test_save_state_load_state_continues_exactly(tmp_path: Path) -> None:
+def test_save_state_load_state_continues_exactly(tmp_path: Path, error_log: ErrorLog) -> None:
     """Save after epoch 1 of 2; a fresh model and optimizer load it and do epoch 2 identically.
 
     λ was set to 0.03 before training: a load that did not restore it would use 0.1.
@@ -168,12 +178,6 @@ def test_save_state_load_state_continues_exactly(tmp_path: Path) -> None:
     assert lams == (0.03,)
     conv = recorder.model.conv1
     error = max(check_step(step, conv, 0.03, CLIP) for step in recorder.steps)
-    ERRORS["after load_state"] = error
+    error_log.record("accelerate after load_state", error)
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
-
-
-def test_report_errors() -> None:
-    """Print the measured errors (run with -s to see them)."""
-    for what, error in ERRORS.items():
-        print(f"accelerate {what}: max relative error {error:.2e}")

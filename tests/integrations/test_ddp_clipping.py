@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _frameworks import Step, check_step, expected, tiny_data, tiny_net
-from _stack import run_workers
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tests.integrations._frameworks import Step, check_step, expected, framework_data, framework_net
+from tests.kit import ErrorLog, run_workers
 from tract_optim import TrActOptimizer
 
 pytestmark = pytest.mark.slow
@@ -29,14 +29,14 @@ CLIP = 0.05
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The global batch of every step."""
-    x, y = tiny_data(STEPS * WORLD * PER_RANK)
+    x, y = framework_data(STEPS * WORLD * PER_RANK)
     size = WORLD * PER_RANK
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 def worker(rank: int, world: int) -> list[dict[str, torch.Tensor]]:
     """Train STEPS steps on this rank's slices; return what the inner SGD received each step."""
-    model = tiny_net(seed=rank)  # DDP broadcasts rank 0's weights
+    model = framework_net(seed=rank)  # DDP broadcasts rank 0's weights
     ddp = DDP(model)
     sgd = torch.optim.SGD(ddp.parameters(), lr=LR)
     opt = TrActOptimizer(sgd, model.conv1, lam=LAM, clip_grad_norm=CLIP)
@@ -55,10 +55,10 @@ def worker(rank: int, world: int) -> list[dict[str, torch.Tensor]]:
     return received
 
 
-def test_clip_grad_norm_under_ddp_matches_the_global_batch() -> None:
+def test_clip_grad_norm_under_ddp_matches_the_global_batch(error_log: ErrorLog) -> None:
     results = run_workers(worker, WORLD)
     errors = []
-    model = tiny_net(seed=0).double()
+    model = framework_net(seed=0).double()
     for k, (x, y) in enumerate(batches()):
         model.zero_grad()
         F.cross_entropy(model(x.double()), y).backward()
@@ -70,4 +70,4 @@ def test_clip_grad_norm_under_ddp_matches_the_global_batch() -> None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.sub_(LR * want[name])
-    print(f"ddp clip_grad_norm=: max relative error {max(errors):.2e}")
+    error_log.record("ddp clip_grad_norm=", max(errors))

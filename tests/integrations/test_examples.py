@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _frameworks import EXAMPLES, require
-from _stack import free_port
+
+from tests.integrations._frameworks import EXAMPLES, require
+from tests.kit import free_port
 
 ROOT = EXAMPLES.parents[1]
 TESTS = Path(__file__).resolve().parent

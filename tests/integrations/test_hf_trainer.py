@@ -1,8 +1,8 @@
 """TrAct in the real Hugging Face ``transformers`` Trainer (CPU), against the float64 reference.
 
 The model wrapper, dataset format and ``tract_optimizers`` come from
-``scripts/examples/hf_trainer_example.py`` (the README's Trainer block); the network is ``TinyNet``
-(randomly initialised) on data whose channels have very different scales.
+``scripts/examples/hf_trainer_example.py`` (the README's Trainer block); the network is
+``framework_net`` (randomly initialised) on data whose channels have very different scales.
 """
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _frameworks import (
+
+from tests.integrations._frameworks import (
     UpdateRecorder,
     check_step,
     expected,
+    framework_data,
+    framework_net,
     import_example,
-    relative_error,
     require,
-    tiny_data,
-    tiny_net,
 )
-
+from tests.kit import ErrorLog, max_relative_error
 from tract_optim import TrActOptimizer
 
 transformers = require("transformers")
@@ -30,7 +30,6 @@ example = import_example("hf_trainer_example")
 LR = 0.05
 LAM = 0.1
 CLIP = 0.05
-ERRORS: dict[str, float] = {}
 
 
 def arguments(out: Path, **overrides: Any) -> Any:
@@ -55,7 +54,7 @@ def train(
     **overrides: Any,
 ) -> tuple[Any, Any, UpdateRecorder]:
     """A Trainer run on 16 examples; returns the model, the optimizer passed in, the record."""
-    model = example.Classifier(tiny_net(seed))
+    model = example.Classifier(framework_net(seed))
     recorder = UpdateRecorder(model.net)
     steps = overrides.setdefault("max_steps", 2)
     callbacks = []
@@ -70,7 +69,7 @@ def train(
     trainer = transformers.Trainer(
         model=model,
         args=arguments(out, **overrides),
-        train_dataset=example.examples(*tiny_data(16)),
+        train_dataset=example.examples(*framework_data(16)),
         optimizers=(opt, sched),
         callbacks=callbacks,
     )
@@ -94,17 +93,21 @@ def check_all(recorder: UpdateRecorder, lams: list[float], clip: float | None = 
     return max(check_step(s, conv, lam, clip) for s, lam in zip(recorder.steps, lams, strict=True))
 
 
-def test_accumulation(tmp_path: Path) -> None:
+def test_accumulation(tmp_path: Path, error_log: ErrorLog) -> None:
     """Two micro-batches of 2 per step; AdamW receives TrAct of the accumulated gradient."""
     _, _, recorder = train(tmp_path)
     assert [len(step.inputs) for step in recorder.steps] == [2, 2]
-    ERRORS["optimizers=(TrAct, scheduler), accumulation 2"] = check_all(recorder, [LAM] * 2)
+    error_log.record(
+        "hf trainer optimizers=(TrAct, scheduler), accumulation 2", check_all(recorder, [LAM] * 2)
+    )
 
 
-def test_clipping_recipe(tmp_path: Path) -> None:
+def test_clipping_recipe(tmp_path: Path, error_log: ErrorLog) -> None:
     """max_grad_norm=0 and TrActOptimizer(clip_grad_norm=...): the TrAct gradient is clipped."""
     _, opt, recorder = train(tmp_path, clip=CLIP)
-    ERRORS["clip_grad_norm=, max_grad_norm=0"] = check_all(recorder, [LAM] * 2, CLIP)
+    error_log.record(
+        "hf trainer clip_grad_norm=, max_grad_norm=0", check_all(recorder, [LAM] * 2, CLIP)
+    )
     step = recorder.steps[-1]
     want = expected(step, recorder.model.conv1, LAM)  # unclipped TrAct gradient
     norm = sum(float(g.pow(2).sum()) for g in want.values()) ** 0.5
@@ -118,8 +121,8 @@ def test_max_grad_norm_alone_clips_the_raw_gradient(tmp_path: Path) -> None:
     conv = recorder.model.conv1
     for step in recorder.steps:
         got = step.received
-        assert relative_error(got, expected(step, conv, LAM, CLIP, clip_first=True)) <= 1e-4
-        assert relative_error(got, expected(step, conv, LAM, CLIP)) > 1e-2
+        assert max_relative_error(got, expected(step, conv, LAM, CLIP, clip_first=True)) <= 1e-4
+        assert max_relative_error(got, expected(step, conv, LAM, CLIP)) > 1e-2
 
 
 def resume_drift(root: Path, tract: bool) -> tuple[float, Any, Any, UpdateRecorder]:
@@ -139,21 +142,16 @@ def resume_drift(root: Path, tract: bool) -> tuple[float, Any, Any, UpdateRecord
     return drift, lams[0], lams[1], recorder
 
 
-def test_resume_from_checkpoint_restores_lam(tmp_path: Path) -> None:
+def test_resume_from_checkpoint_restores_lam(tmp_path: Path, error_log: ErrorLog) -> None:
     """Resuming restores λ (halved every step, so a lost λ shows) and lands where plain AdamW's
     resume lands relative to its own uninterrupted run."""
     tract_drift, lam_whole, lam_resumed, recorder = resume_drift(tmp_path / "tract", tract=True)
     adamw_drift, _, _, _ = resume_drift(tmp_path / "adamw", tract=False)
     assert lam_whole == lam_resumed == (LAM / 16,)
     # The resumed steps (3 and 4 of 4) use the restored λ: LAM/4 and LAM/8.
-    ERRORS["after resume_from_checkpoint"] = check_all(recorder, [LAM / 4, LAM / 8], CLIP)
-    ERRORS["resume drift (TrAct)"] = tract_drift
-    ERRORS["resume drift (AdamW)"] = adamw_drift
+    error_log.record(
+        "hf trainer after resume_from_checkpoint", check_all(recorder, [LAM / 4, LAM / 8], CLIP)
+    )
+    error_log.record("hf trainer resume drift (TrAct)", tract_drift, "max parameter difference")
+    error_log.record("hf trainer resume drift (AdamW)", adamw_drift, "max parameter difference")
     assert tract_drift <= max(adamw_drift, 1e-6)
-
-
-def test_report_errors() -> None:
-    """Print the measured errors (run with -s to see them)."""
-    for what, error in ERRORS.items():
-        kind = "max parameter difference" if "drift" in what else "max relative error"
-        print(f"hf trainer {what}: {kind} {error:.2e}")

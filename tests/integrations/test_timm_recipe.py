@@ -25,25 +25,24 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _frameworks import (
-    UpdateRecorder,
-    check_step,
-    expected,
-    relative_error,
-    tiny_data,
-    tiny_net,
-)
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.integrations._frameworks import (
+    UpdateRecorder,
+    check_step,
+    expected,
+    framework_data,
+    framework_net,
+)
+from tests.kit import ErrorLog, max_relative_error
 from tract_optim import TrActOptimizer
 
 LAM = 0.1
 LR = 0.05
 CLIP = 0.05
 STEPS = 3
-ERRORS: dict[str, float] = {}
 
 
 def create_optimizer_v2(model: nn.Module, opt: str, lr: float, weight_decay: float) -> Optimizer:
@@ -137,11 +136,11 @@ def train(
     split: bool, clip: float | None, accumulate: int, timm_clip: float | None = None
 ) -> UpdateRecorder:
     """STEPS updates of ``accumulate`` fp16-autocast micro-batches, as timm's train.py runs them."""
-    model = tiny_net()
+    model = framework_net()
     opt, sched, scaler, ema = build(model, split, clip)
     recorder = UpdateRecorder(model, scaler=scaler._scaler)
     recorder.watch(opt.optimizers)
-    loader = DataLoader(TensorDataset(*tiny_data(4 * STEPS * accumulate)), batch_size=4)
+    loader = DataLoader(TensorDataset(*framework_data(4 * STEPS * accumulate)), batch_size=4)
     device = torch.device("cpu")
     num_updates = 0
     for step, (x, y) in enumerate(loader):
@@ -166,7 +165,7 @@ def train(
 @pytest.mark.parametrize("clip", [None, CLIP])
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_native_scaler_accumulation_and_clipping(
-    split: bool, clip: float | None, accumulate: int
+    split: bool, clip: float | None, accumulate: int, error_log: ErrorLog
 ) -> None:
     recorder = train(split, clip, accumulate)
     assert len(recorder.steps) == STEPS
@@ -176,7 +175,9 @@ def test_native_scaler_accumulation_and_clipping(
     conv = recorder.model.conv1
     error = max(check_step(step, conv, LAM, clip) for step in recorder.steps)
     inner = "sgd conv1 + adamw rest" if split else "adamw"
-    ERRORS[f"NativeScaler, {inner}, clip {clip}, accumulate {accumulate}"] = error
+    error_log.record(
+        f"timm recipe NativeScaler, {inner}, clip {clip}, accumulate {accumulate}", error
+    )
 
 
 def test_timm_clip_grad_clips_the_raw_gradient() -> None:
@@ -185,11 +186,5 @@ def test_timm_clip_grad_clips_the_raw_gradient() -> None:
     conv = recorder.model.conv1
     for step in recorder.steps:
         got = step.received
-        assert relative_error(got, expected(step, conv, LAM, CLIP, clip_first=True)) <= 1e-4
-        assert relative_error(got, expected(step, conv, LAM, CLIP)) > 1e-2
-
-
-def test_report_errors() -> None:
-    """Print the measured errors (run with -s to see them)."""
-    for what, error in ERRORS.items():
-        print(f"timm recipe {what}: max relative error {error:.2e}")
+        assert max_relative_error(got, expected(step, conv, LAM, CLIP, clip_first=True)) <= 1e-4
+        assert max_relative_error(got, expected(step, conv, LAM, CLIP)) > 1e-2

@@ -1,10 +1,9 @@
-"""Helpers for the training-stack tests: a multi-process runner, a state-dict comparison and a
-``torch.compile`` backend that counts compilations.
+"""Helpers for the training-stack tests: a multi-process runner, comparisons of state dicts and
+nested state, and a ``torch.compile`` backend that counts compilations.
 
 ``run_workers`` starts N processes joined by a gloo process group on 127.0.0.1 and returns what
 each rank's function returned. It never hangs: a rank that fails stops the others at once, and the
-whole run is killed after ``timeout`` seconds. The float64 TrAct reference is
-``reference.tract_grad``.
+whole run is killed after ``timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 from torch._dynamo.backends.registry import lookup_backend
+
+from .reference import relative_error
 
 Worker = Callable[[int, int], Any]
 
@@ -101,6 +102,28 @@ def max_abs_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     """Largest absolute difference between two state dicts with the same keys."""
     assert a.keys() == b.keys(), (sorted(a), sorted(b))
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def max_relative_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
+    """Largest ``relative_error`` over the entries of two state dicts with the same keys."""
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    return max(relative_error(got[k], want[k]) for k in want)
+
+
+def assert_same(a: Any, b: Any) -> None:
+    """Deep equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor) and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b
 
 
 class CountingBackend:

@@ -1,0 +1,1 @@
+"""The test suite of tract_optim; ``tests.kit`` holds what the tests share."""

@@ -1,0 +1,1 @@
+"""Tests of TrAct inside real training frameworks (Lightning, Accelerate, Transformers, DDP)."""
