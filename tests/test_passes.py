@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tests.kit import conv_net, random_batch, relative_error, stacked_rows, token_net, tract_grad
 from tract_optim import TrActOptimizer
@@ -124,23 +125,36 @@ class _FailsInBackward(torch.autograd.Function):
         raise ValueError("backward failed")
 
 
+def _raise_once(done: list[bool]) -> Callable[[Tensor], None]:
+    """A tensor hook that raises the first time: backward fails after computing the weight's
+    gradient, before accumulating it."""
+
+    def hook(grad: Tensor) -> None:
+        if not done:
+            done.append(True)
+            raise ValueError("backward failed")
+
+    return hook
+
+
 @COMPILED
 def test_failed_backward_then_model_zero_grad_counts_only_the_next_batch(compiled: bool) -> None:
     model = conv_net()
     run = maybe_compile(model, compiled)
     opt = TrActOptimizer(sgd(model), model.first, LAM)
-    x1 = images(1).requires_grad_(True)
+    handle = model.first.weight.register_hook(_raise_once([]))
     with pytest.raises(ValueError, match="backward failed"):
-        loss(run(_FailsInBackward.apply(x1))).backward()
+        loss(run(images(1))).backward()
+    handle.remove()
+    assert model.first.weight.grad is None  # nothing was accumulated
     model.zero_grad()
     x2 = images(2)
     before = model.first.weight.detach().clone()
     raw = twin_grad(model, lambda m: loss(m(x2)).backward(), "first")
     loss(run(x2)).backward()
     opt.step()
-    assert_moved_by(
-        before, model.first.weight, tract_grad(stacked_rows(model.first, [x2]), raw, LAM)
-    )
+    expected = tract_grad(stacked_rows(model.first, [x2]), raw, LAM)
+    assert_moved_by(before, model.first.weight, expected)
 
 
 def test_failed_backward_that_reached_the_weight_counts_with_its_gradient() -> None:
@@ -211,18 +225,20 @@ def test_gradient_penalty_counts_the_pass_once() -> None:
 
 
 def test_retained_graph_backpropagated_again_after_a_step_raises() -> None:
-    """Its statistics were released when the first step used them: the error says so."""
-    model = conv_net()
-    opt = TrActOptimizer(sgd(model), model.first, LAM)
-    out = model(images(1))
+    """Its statistics were released when the first step used them: the error says so. (A lone
+    Linear on inputs that need no gradient saves no weight, so torch allows the second
+    backward after the step changed the weight.)"""
+    layer = nn.Linear(6, 4)
+    opt = TrActOptimizer(sgd(layer), layer, LAM)
+    out = layer(random_batch((8, 6), 1)[0])
     loss(out).backward(retain_graph=True)
     opt.step()
     opt.zero_grad()
     loss(out).backward()
-    before = model.first.weight.detach().clone()
+    before = layer.weight.detach().clone()
     with pytest.raises(RuntimeError, match=r"first_layer\[0\].*retain_graph=True across steps"):
         opt.step()
-    assert torch.equal(model.first.weight, before)
+    assert torch.equal(layer.weight, before)
 
 
 # --- 3. "already preconditioned" belongs to the step ----------------------------------------------
@@ -378,7 +394,9 @@ def test_torch_func_per_sample_gradients_are_not_recorded(kind: str) -> None:
 # --- 7. construction: all or nothing, clear refusals ----------------------------------------------
 
 
-def test_failed_construction_leaves_the_working_optimizer_alone() -> None:
+def test_construction_changes_nothing_until_it_succeeds() -> None:
+    """A refused construction leaves the optimizer already on the layer working; a frozen layer
+    is not refused (the new optimizer takes over, saying so, and trains it once unfrozen)."""
     model = conv_net()
     opt = TrActOptimizer(sgd(model), model.first, LAM)
     with pytest.raises(ValueError, match=r"lam\[0\]"):
@@ -388,9 +406,20 @@ def test_failed_construction_leaves_the_working_optimizer_alone() -> None:
     raw = twin_grad(model, lambda m: loss(m(x)).backward(), "first")
     loss(model(x)).backward()
     opt.step()  # still preconditions: it was not superseded
-    assert_moved_by(
-        before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM)
-    )
+    expected = tract_grad(stacked_rows(model.first, [x]), raw, LAM)
+    assert_moved_by(before, model.first.weight, expected)
+    model.first.requires_grad_(False)
+    with pytest.warns(UserWarning, match="takes over its hooks"):
+        new = TrActOptimizer(sgd(model), model.first, LAM)
+    model.first.requires_grad_(True)
+    opt.zero_grad()
+    x = images(2)
+    before = model.first.weight.detach().clone()
+    raw = twin_grad(model, lambda m: loss(m(x)).backward(), "first")
+    loss(model(x)).backward()
+    new.step()
+    expected = tract_grad(stacked_rows(model.first, [x]), raw, LAM)
+    assert_moved_by(before, model.first.weight, expected)
 
 
 def test_frozen_first_layer_is_accepted_and_trained_once_unfrozen() -> None:
@@ -506,9 +535,7 @@ def test_global_step_hooks_fire_once_per_inner_step(several: bool) -> None:
     )
     opt = TrActOptimizer(inner, model.first, LAM)
     seen: list[torch.optim.Optimizer] = []
-    handle = torch.optim.optimizer.register_optimizer_step_pre_hook(
-        lambda o, args, kwargs: seen.append(o)
-    )
+    handle = register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(o))
     try:
         loss(model(images(1))).backward()
         opt.step()

@@ -114,8 +114,11 @@ class Target:
         for layer in self.layers:
             weight = _weight(layer)
             if weight.requires_grad and weight not in self._weight_hooks:
-                hook = _WeightHook(self, weight)
-                self._weight_hooks[weight] = weight.register_hook(hook)  # type: ignore[no-untyped-call]
+                hooks = _WeightHooks(self, weight)
+                self._weight_hooks[weight] = (
+                    weight.register_hook(hooks.computed),  # type: ignore[no-untyped-call]
+                    weight.register_post_accumulate_grad_hook(hooks.accumulated),  # type: ignore[no-untyped-call]
+                )
 
     # --- recording ------------------------------------------------------------------------------
 
@@ -196,8 +199,9 @@ def _remove(handles: list[RemovableHandle], weight_hooks: WeakIdKeyDictionary) -
     for handle in handles:
         handle.remove()
     handles.clear()
-    for handle in list(weight_hooks.values()):  # type: ignore[no-untyped-call]
-        handle.remove()
+    for pair in list(weight_hooks.values()):  # type: ignore[no-untyped-call]
+        for handle in pair:
+            handle.remove()
     weight_hooks.clear()
 
 
@@ -227,17 +231,24 @@ class _ForwardHook:
         self._target = self._layer = lambda: None
 
 
-class _WeightHook:
-    """The tensor hook on a weight: its gradient is being computed in this backward."""
+class _WeightHooks:
+    """The hooks on a weight. ``computed``: its gradient is being computed in this backward
+    (a tensor hook, before it is accumulated); ``accumulated``: it was accumulated into ``.grad``.
+    Hold the target weakly; inert in copies."""
 
     def __init__(self, target: Target, weight: Tensor) -> None:
         self._target: Callable[[], Target | None] = weakref.ref(target)
         self._weight: Callable[[], Tensor | None] = weakref.ref(weight)
 
-    def __call__(self, grad: Tensor) -> None:
+    def computed(self, grad: Tensor) -> None:
         target, weight = self._target(), self._weight()
         if target is not None and weight is not None:
             target.ledger.weight_gradient(weight)
+
+    def accumulated(self, weight: Tensor) -> None:
+        target = self._target()
+        if target is not None and weight is self._weight():
+            target.ledger.accumulated(weight)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"inert": True}

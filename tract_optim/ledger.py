@@ -6,11 +6,13 @@ the layer's weight, which is what accumulates it into ``weight.grad`` (or what
 
 1. When backward reaches a recorded pass (``graph``), the pass is *pending* in that backward's
    graph task. A backward that never computes the weight's gradient (an FGSM step's
-   ``autograd.grad(loss, x)``, ``backward(inputs=[x])``) or that fails before it, commits
-   nothing: its pending passes are dropped when the task ends.
-2. When the weight's gradient is computed in that task (a tensor hook on the weight, before it is
-   accumulated), the pending passes are committed, each at most once per gradient however many
-   backward calls reach it (``retain_graph``), and an eager pass's statistics are released.
+   ``autograd.grad(loss, x)``, ``backward(inputs=[x])``) or that fails before accumulating it,
+   commits nothing: its pending passes are dropped with the task.
+2. When that task accumulates the weight's gradient into ``.grad`` (a post-accumulate hook), its
+   pending passes are committed; when it computes the gradient for ``torch.autograd.grad``
+   instead (a tensor hook on the weight), they are committed when the task ends successfully.
+   Each pass is committed at most once per gradient however many backward calls reach it
+   (``retain_graph``), and an eager pass's statistics are released once committed.
 3. Statistics belong to one gradient (an *epoch*). A new epoch starts at ``reset()``
    (``zero_grad`` of a TrActOptimizer), when a commit finds the gradient cleared since the last
    backward (``model.zero_grad()``, an optimizer's ``zero_grad`` in attach mode: set to None, or
@@ -57,10 +59,29 @@ class Pass:
 
 @dataclass
 class _Task:
-    """The passes one backward (graph task) reached, not yet committed."""
+    """The passes one backward (graph task) reached, not yet committed, and the weights whose
+    gradient it computed."""
 
     passes: list[Pass] = field(default_factory=list)
+    computed: list[weakref.ref[Tensor]] = field(default_factory=list)
     committed: bool = False
+
+    def take(self, weight: Tensor | None) -> list[Pass]:
+        """Remove and return the passes that multiplied ``weight`` (any computed weight, for
+        None; passes of unknown weight go with any)."""
+        weights = [w() for w in self.computed] if weight is None else [weight]
+        taken: list[Pass] = []
+        kept: list[Pass] = []
+        for entry in self.passes:
+            source = entry.weight() if entry.weight is not None else None
+            match = (
+                any(w is not None for w in weights)
+                if source is None
+                else any(source is w for w in weights)
+            )
+            (taken if match else kept).append(entry)
+        self.passes = kept
+        return taken
 
 
 class GradientLedger:
@@ -91,34 +112,60 @@ class GradientLedger:
 
     def reached(self, entry: Pass) -> None:
         """Backward reached a recorded pass: pending in the current graph task."""
-        task_id = torch._C._current_graph_task_id()
+        task = self._task(create=True)
+        assert task is not None
         with self._lock:
-            task = self._tasks.get(task_id)
-            if task is None:
-                task = self._tasks[task_id] = _Task()
-                Variable._execution_engine.queue_callback(
-                    functools.partial(self._finish, task_id, task)
-                )
             task.passes.append(entry)
 
     def weight_gradient(self, weight: Tensor) -> None:
-        """The gradient of ``weight`` is being computed in the current graph task: commit the
-        passes of that task that multiplied it (called before it is accumulated)."""
+        """The gradient of ``weight`` is being computed in the current graph task (called before
+        it is accumulated): if the gradient was cleared since the statistics were last known to
+        belong to it, a new epoch starts; the task's passes of ``weight`` now wait for the
+        accumulation (or, for ``torch.autograd.grad``, for the end of the backward)."""
+        task = self._task(create=False)
+        if task is None or not task.passes:
+            return
+        with self._lock:
+            self._check_cleared()
+            task.computed.append(weakref.ref(weight))
+
+    def accumulated(self, weight: Tensor) -> None:
+        """The current backward accumulated ``weight``'s gradient into ``.grad``: commit its
+        passes, which now belong to the gradient as it is."""
+        task = self._task(create=False)
+        if task is None:
+            return
+        with self._lock:
+            self._commit_all(task, task.take(weight))
+            if task.committed:
+                self._note_owner()
+
+    def _finish(self, task_id: int, task: _Task) -> None:
+        """End of a successful backward: commit the passes whose weight gradient it computed
+        but did not accumulate (``torch.autograd.grad``), drop the others, note the gradient."""
+        with self._lock:
+            self._tasks.pop(task_id, None)
+            self._commit_all(task, task.take(None))
+            if task.committed:
+                self._note_owner()
+
+    def _task(self, create: bool) -> _Task | None:
         task_id = torch._C._current_graph_task_id()
         with self._lock:
             task = self._tasks.get(task_id)
-            if task is None or not task.passes:
-                return
-            self._check_cleared()
-            keep: list[Pass] = []
-            for entry in task.passes:
-                source = entry.weight() if entry.weight is not None else weight
-                if source is weight:
-                    self._commit(entry)
-                else:
-                    keep.append(entry)
-            task.passes = keep
-            task.committed = True
+            if task is None and create:
+                task = self._tasks[task_id] = _Task()
+                # Runs when this backward ends; not at all if it fails (the engine then drops
+                # the callback, and with it the task and its pending passes).
+                Variable._execution_engine.queue_callback(
+                    functools.partial(self._finish, task_id, task)
+                )
+            return task
+
+    def _commit_all(self, task: _Task, entries: list[Pass]) -> None:
+        for entry in entries:
+            self._commit(entry)
+        task.committed = task.committed or bool(entries)
 
     def _commit(self, entry: Pass) -> None:
         if entry.id in self._committed:
@@ -137,13 +184,6 @@ class GradientLedger:
             return
         self._committed.add(entry.id)
         self.commits += 1
-
-    def _finish(self, task_id: int, task: _Task) -> None:
-        """End of a backward: drop what it did not commit; note the gradient it produced."""
-        with self._lock:
-            self._tasks.pop(task_id, None)
-            if task.committed:
-                self._note_owner()
 
     def _check_cleared(self) -> None:
         """Start a new epoch if the gradient was cleared since the statistics were last known
