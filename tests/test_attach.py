@@ -193,7 +193,9 @@ def test_warnings_point_at_the_users_line() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(8, 4)
     opt = TrActOptimizer(SGD(layer.parameters(), lr=0.1), layer, 1e-9, stats_dtype=torch.float32)
-    layer(torch.randn(8, 8)).square().sum().backward()
+    x = torch.randn(16, 8)
+    x[:, -1] = x[:, 0]  # rank-deficient: cond(M) ≈ 1e9
+    layer(x).square().sum().backward()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         line = _line() + 1
