@@ -46,8 +46,12 @@ def run(jobs: list[Job], settings: Settings, fresh: list[bool]) -> None:
         j.target.ledger.total() if use and again else None
         for j, use, again in zip(jobs, fresh, refresh, strict=True)
     ]
-    if settings.sync_statistics and distributed.default_group_active(settings.process_group):
-        picked = [k for k, again in enumerate(refresh) if again]
+    picked = [k for k, again in enumerate(refresh) if again]
+    if (
+        picked
+        and settings.sync_statistics
+        and distributed.default_group_active(settings.process_group)
+    ):
         summed = distributed.all_reduce_stats(
             [stats[k] for k in picked],
             [jobs[k].target.geometry for k in picked],
