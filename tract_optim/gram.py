@@ -134,8 +134,7 @@ def add_split_product_(
 
 #: Input rows per product of ``conv2d_lags``: two rows against their next k_h + 1 rows make the
 #: products twice as tall for (k_h + 1)/k_h of the work, which GEMM kernels run faster than
-#: products only C·k_w rows tall (the whole Gram 1.07× faster for the 7×7/2 stem and 1.3× for
-#: the 3×3 CIFAR stem of ``scripts/bench.py``, one CPU thread; 3 or 4 rows were slower).
+#: products only C·k_w rows tall (3 or 4 rows were slower; BENCHMARKS.md has the measurements).
 ROWS_PER_PRODUCT = 2
 
 
@@ -158,12 +157,11 @@ def conv2d_lags(
 
     The padded input is first split by column into its s_w stride phases (one copy of the
     input, padding included), so that every width window is a run of consecutive floats of one
-    phase: unfolding then copies runs instead of gathering every s_w-th float (0.7x the time for
-    a 7×7/2 stem). ``band_bytes`` bounds the width-unfolded rows held at once (None: all). They
-    are unfolded a band at a time into one buffer; the k_h − 1 rows a band shares with the next
-    are moved to the buffer's top rather than unfolded again. Every product contracts over the
-    whole batch (B·Q columns), which GEMM kernels run faster than the short products of batch
-    chunks (1.2x for the 7×7/2 stem's products at B·Q = 3,584 against 560, 2 CPU threads).
+    phase: unfolding then copies runs instead of gathering every s_w-th float. ``band_bytes``
+    bounds the width-unfolded rows held at once (None: all). They are unfolded a band at a time
+    into one buffer; the k_h − 1 rows a band shares with the next are moved to the buffer's top
+    rather than unfolded again. Every product contracts over the whole batch (B·Q columns),
+    which GEMM kernels run faster than the short products of batch chunks.
 
     Split precisions split the input once (``split_parts``) and unfold each part as above (two
     sets of copies; ``band_bytes`` bounds each part's rows); every product becomes three
@@ -281,15 +279,6 @@ def gram_from_lags(table: Tensor, channels: int) -> Tensor:
     blocks = blocks.reshape(kh, channels, kw, kh, channels, kw)
     n = channels * kh * kw
     return blocks.permute(1, 0, 2, 4, 3, 5).reshape(n, n)
-
-
-def conv2d_gram(xpad: Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> Tensor:
-    """Gram (n, n) of the rows of a padded input (B, C, H, W), n = C·k_h·k_w, fp32 in, fp32 out.
-
-    Rows and features are those of ``unfold.rows`` for a Conv2d with this kernel and stride,
-    dilation 1 and one group (the caller pads and splits groups).
-    """
-    return gram_from_lags(conv2d_lags(xpad, kernel, stride), xpad.shape[1])
 
 
 #: Height of the row strips of ``add_upper_``: tall enough for efficient products, small enough

@@ -25,7 +25,7 @@ from .layers import pads_tf_same
 #: Default bound on the bytes of unfolded rows materialised at once.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 #: ... on a CUDA device, where small chunks cost more in kernel launches than they save in memory
-#: (ResNet-50 step on an H200 at batch 128: 1.15× plain with 16 MiB chunks, 1.07× with 256 MiB).
+#: (the GPU table in BENCHMARKS.md compares the two).
 CUDA_CHUNK_BYTES = 256 * 2**20
 
 
