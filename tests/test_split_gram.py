@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from typing import Literal
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from tract_optim import gram, unfold
+from tract_optim import TrActOptimizer, gram, unfold
 
 SETTINGS = settings(max_examples=40, deadline=None)
 Split = Literal["bf16x3", "tf32x3"]
@@ -356,3 +357,31 @@ def test_vit_patch_embedding_update(kind: str) -> None:
         for lam in (0.05, 0.1, 1.0):
             error = relative(update(got, r, grads, lam), update(exact, r, grads, lam))
             assert error <= UPDATE_TOLERANCE, (precision, lam, error)
+
+
+@pytest.mark.parametrize("products", ["bf16x3", "tf32x3"])
+def test_optimizer_option_reaches_the_gram(products: str) -> None:
+    """``gram_precision=`` computes float32 statistics with split products: the update stays
+    within 2e-5 of float64 TrAct (float32 statistics forced; the float64 ones never split)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+    x = torch.randn(16, 3, 16, 16)
+    opt = TrActOptimizer(
+        torch.optim.SGD(conv.parameters(), lr=0.0),
+        conv,
+        0.1,
+        stats_dtype=torch.float32,
+        gram_precision=products,  # type: ignore[arg-type]
+    )
+    with mock.patch.object(gram, "split_parts", wraps=gram.split_parts) as split:
+        conv(x).square().sum().backward()
+    assert split.call_count >= 1
+    assert conv.weight.grad is not None
+    raw = conv.weight.grad.clone()
+    opt.precondition_()
+    rows = F.unfold(x.double(), 4, stride=4).transpose(1, 2).reshape(1, -1, 48)
+    matrix = rows.mT @ rows / rows.shape[1] + 0.1 * torch.eye(48, dtype=torch.float64)
+    flat = raw.double().reshape(8, 48)
+    expected = torch.linalg.solve(matrix[0], flat.T).T
+    error = float((conv.weight.grad.double().reshape(8, 48) - expected).abs().max())
+    assert error <= 2e-5 * float(expected.abs().max())

@@ -53,6 +53,7 @@ class Target:
         self.weight: Tensor = _weight(layers[0])
         self.precision = Precision(settings.stats_dtype, settings.capturable)
         self._chunk_bytes = settings.chunk_bytes
+        self._products = settings.gram_precision
         self._capturable = settings.capturable
         accumulator: Accumulator | StaticAccumulator = (
             StaticAccumulator(
@@ -141,7 +142,9 @@ class Target:
         precision = self.precision.when_run(x.dtype) if compiling else self.precision.dtype(x.dtype)
         stats = None
         if self.collecting:
-            stats = pass_statistics(layer, x, precision, not self._capturable, self._chunk_bytes)
+            stats = pass_statistics(
+                layer, x, precision, not self._capturable, self._chunk_bytes, self._products
+            )
             if stats is None:
                 return
         elif unfold.row_count(layer, x) == 0:

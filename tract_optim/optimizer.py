@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -59,6 +59,7 @@ class TrActOptimizer(Optimizer):
         trusted_layers: Sequence[type[nn.Module]] = (),
         stats_every: int = 1,
         stats_decay: float | None = None,
+        gram_precision: Literal["fp32", "bf16x3", "tf32x3"] = "fp32",
     ) -> None:
         optimizers = _as_optimizers(optimizer)
         held = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
@@ -91,6 +92,7 @@ class TrActOptimizer(Optimizer):
             trusted_layers=trusted_layers,
             stats_every=stats_every,
             stats_decay=stats_decay,
+            gram_precision=gram_precision,
         )
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state/defaults (live
         # views of the inner optimizer(s) here); a test pins this list against torch's.

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import unfold
+from . import gram, unfold
 from .statistics import Stats
 
 #: Float32 statistics are kept while unit roundoff × cond(xᵀx/r + λI) stays below this.
@@ -114,12 +114,15 @@ def pass_statistics(
     precision: torch.dtype | Tensor,
     keep_rows: bool,
     chunk_bytes: int | None,
+    products: gram.Precision = "fp32",
 ) -> Stats | None:
     """The statistics of one pass of ``x`` through ``layer`` (None for an empty batch), autocast
     off: a copy of its rows when ``keep_rows`` and r < n, else its Gram.
 
     ``precision``: the statistics dtype, or a CPU bool tensor read when a compiled graph runs
     (True: float64; False: float32, widened to float64 so that both choices give one dtype).
+    ``products``: how a float32 Gram's products are computed (``gram.Precision``; split
+    precisions run on tensor cores on a GPU).
     """
     count = unfold.row_count(layer, x)
     if count == 0:
@@ -132,14 +135,15 @@ def pass_statistics(
             rows = unfold.rows(layer, x).to(exact, memory_format=torch.contiguous_format, copy=True)
             return Stats(count=count, rows=rows, precision=fixed)
         if fixed is not None:
-            return Stats(count=count, gram=unfold.gram(layer, x, chunk_bytes, fixed))
+            split = products if fixed == torch.float32 else "fp32"
+            return Stats(count=count, gram=unfold.gram(layer, x, chunk_bytes, fixed, split))
         assert isinstance(precision, Tensor)
 
         def wide(x: Tensor) -> Tensor:
             return unfold.gram(layer, x, chunk_bytes, torch.float64)
 
         def narrow(x: Tensor) -> Tensor:
-            return unfold.gram(layer, x, chunk_bytes, torch.float32).double()
+            return unfold.gram(layer, x, chunk_bytes, torch.float32, products).double()
 
         gram = torch.cond(precision, wide, narrow, (x,))
         return Stats(count=count, gram=gram)

@@ -11,7 +11,7 @@ fused or foreach optimizers). ``TrActOptimizer`` is a thin optimizer façade ove
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -64,6 +64,9 @@ class TrActPreconditioner:
             reuses the factor of the last refresh (see the README).
         stats_decay: ``None`` (default): use the last refresh's statistics; a float d in [0, 1):
             a running average over refreshes, A ← d·A + (1 − d)·xᵀx/r.
+        gram_precision: how the products of a float32 Gram are computed: ``"fp32"`` (default),
+            or split into bfloat16 (``"bf16x3"``) or TF32 (``"tf32x3"``) parts whose three
+            products run on a GPU's tensor cores, to about float32 accuracy (see BENCHMARKS.md).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class TrActPreconditioner:
         trusted_layers: Sequence[type[nn.Module]] = (),
         stats_every: int = 1,
         stats_decay: float | None = None,
+        gram_precision: Literal["fp32", "bf16x3", "tf32x3"] = "fp32",
     ) -> None:
         self._settings = Settings(
             solve_dtype=solve_dtype,
@@ -95,6 +99,7 @@ class TrActPreconditioner:
             trusted_layers=tuple(trusted_layers),
             stats_every=stats_every,
             stats_decay=stats_decay,
+            gram_precision=gram_precision,
         )
         layers = layers_.as_layers(first_layer, self._settings.trusted_layers)
         self._layers = tuple(layers)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import gram
 from . import layers as layers_
 
 #: λ must lie in this range: λ and 1/λ then stay normal float32 numbers with room to spare.
@@ -38,6 +39,7 @@ class Settings:
     trusted_layers: tuple[type[nn.Module], ...] = ()
     stats_every: int = 1
     stats_decay: float | None = None
+    gram_precision: gram.Precision = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("solve_dtype", "stats_dtype"):
@@ -70,6 +72,11 @@ class Settings:
             isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1
         ):
             raise ValueError(f"stats_decay must be None or a float in [0, 1), got {decay!r}")
+        if self.gram_precision not in gram.PRECISIONS:
+            choices = ", ".join(repr(p) for p in gram.PRECISIONS)
+            raise ValueError(
+                f"gram_precision must be one of {choices}, got {self.gram_precision!r}"
+            )
         if self.capturable and every > 1:
             raise ValueError(
                 "stats_every > 1 cannot be combined with capturable=True: a captured step "
