@@ -140,14 +140,23 @@ def run_ddp(
     return {"params": params, "collectives": collectives}
 
 
-def run_fsdp2(cfg: Config, rank: int, *, shard_layers: bool) -> dict[str, Any]:
-    """Train under ``fully_shard``: of each first layer and the root, or of the root only."""
+def run_fsdp2(
+    cfg: Config, rank: int, *, shard_layers: bool, tract_first: bool = False
+) -> dict[str, Any]:
+    """Train under ``fully_shard``: of each first layer and the root, or of the root only.
+    ``tract_first``: the optimizer is built before sharding and then re-pointed at the sharded
+    parameters, as ``accelerate.prepare(model, optimizer)`` does under FSDP2."""
     model = make_model(cfg)
+    if tract_first:
+        opt = make_optimizer(model)
     if shard_layers:
         fully_shard(model.conv)
         fully_shard(model.lin)
     fully_shard(model)
-    opt = make_optimizer(model)
+    if tract_first:
+        opt.param_groups[0]["params"] = list(model.parameters())
+    else:
+        opt = make_optimizer(model)
     collectives = []
     rows: dict[str, int] = {}
     for step in range(STEPS):
@@ -174,6 +183,7 @@ def worker(rank: int, world: int) -> dict[str, Any]:
     out["ddp-own-group"] = run_ddp(cfg, rank, steps=2, process_group=own)
     out["ddp-no-sync"] = run_ddp(cfg, rank, micro=2)
     out["ddp-compiled"] = run_ddp(cfg, rank, compiled=True)
+    out["fsdp2-tract-first"] = run_fsdp2(cfg, rank, shard_layers=False, tract_first=True)
     return out
 
 
@@ -299,3 +309,12 @@ def test_compiled_ddp_model_matches_global_batch(results: list[dict[str, Any]]) 
     for res in results:
         assert_close(res["ddp-compiled"]["params"], single)
         assert res["ddp-compiled"]["collectives"] == [1] * STEPS
+
+
+def test_fsdp2_applied_after_the_optimizer_follows_the_sharded_weights(
+    results: list[dict[str, Any]],
+) -> None:
+    """TrAct built first, then ``fully_shard``, and the inner optimizer re-pointed at the
+    sharded parameters: the layer's current weight is preconditioned, as when built after."""
+    for res in results:
+        assert_close(res["fsdp2-tract-first"]["params"], res["ddp/groups"]["params"])
