@@ -1,19 +1,23 @@
-"""How close TrActOptimizer's update is to a float64 reference, per solve path, precision and λ.
+"""How close TrActOptimizer's update is to a float64 reference, per solve path, precision,
+inputs and λ.
 
-Each case is a Linear first layer (n inputs, 32 outputs) on r standardised Gaussian rows and the
-loss ⟨z, C⟩ for a random C, so the raw gradient G = Cᵀx lies in the row space of x, as a first
-layer's gradient always does. One forward/backward, then ``opt.precondition_()``; the result is
-compared with G·(xᵀx/r + λI)⁻¹ computed from the same raw G and the model's exact inputs in
-float64 with ``torch.linalg.solve`` (LU, not the library's Cholesky). Reported: the largest
-max|got − ref| / max|ref| over seeds and over the (n, r) of each path, and "⚠ k/N" where k of
-the N cases raised tract_optim's PrecisionWarning.
+Each case is a Linear first layer (n inputs, 32 outputs) on r rows and the loss ⟨z, C⟩ for a
+random C, so the raw gradient G = Cᵀx lies in the row space of x, as a first layer's gradient
+always does. Rows are standardised Gaussian, or the 16×16 RGB patches of smooth image-like
+batches in [0, 1] or [0, 255] (the paper's Fig. 8 settings; n = 768 only). Two steps on the same
+inputs, each a forward/backward then ``opt.precondition_()``; the second step's result (made with
+the statistics precision the default settings chose on the first) is compared with
+G·(xᵀx/r + λI)⁻¹ from the same raw G and the model's exact inputs, in float64 with
+``torch.linalg.solve`` (``tests.kit.tract_grad``: LU, not the library's Cholesky). Reported: the
+largest max|got − ref| / max|ref| over seeds and over the (n, r) of each path, and "⚠ k/N" where
+k of the N cases raised tract_optim's PrecisionWarning.
 
 Paths: ``woodbury`` (r < n: the library keeps the rows and solves on the r×r side) and
 ``direct`` (r ≥ n: the hooks accumulate a Gram, solved on the n×n side). Precisions: ``fp32``
 (fp32 model), ``bf16-autocast`` (fp32 model, forward under CPU bfloat16 autocast) and ``fp64``
 (float64 model and inputs).
 
-    python -m scripts.accuracy                 # the README's table (a few minutes on 2 cores)
+    python -m scripts.accuracy                 # the README's table (several minutes on 2 cores)
     python -m scripts.accuracy --quick         # n = 768 only, one seed
     python -m scripts.accuracy --solve-dtype float32 --json out.json
     python -m scripts.accuracy --timing        # cost of the fp32 vs fp64 Woodbury solve
@@ -30,12 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests.kit import relative_error, tract_grad
 from tract_optim import TrActOptimizer
 
 LAMS = (0.2, 0.1, 0.05, 1e-2, 1e-4, 1e-6)
 MODES = ("fp32", "bf16-autocast", "fp64")
+#: Input kinds, and the precision modes each is measured in.
+INPUTS = {"standardised": MODES, "[0, 1]": ("fp32",), "[0, 255]": ("fp32",)}
 OUTPUTS = 32
 DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 
@@ -49,59 +57,77 @@ def cases(quick: bool) -> dict[str, list[tuple[int, int]]]:
     }
 
 
-def reference(x: Tensor, grad: Tensor, lam: float) -> Tensor:
-    """G·(xᵀx/r + λI)⁻¹ in float64 by LU, from the exact rows x (r, n) and raw gradient G."""
-    rows = x.double()
-    matrix = rows.T @ rows / rows.shape[0] + lam * torch.eye(rows.shape[1], dtype=torch.float64)
-    return torch.linalg.solve(matrix, grad.double().T).T  # M symmetric: G M⁻¹ = (M⁻¹ Gᵀ)ᵀ
+def image_rows(r: int, n: int, kind: str, gen: torch.Generator) -> Tensor:
+    """r rows of n = 3·p² values: the p×p RGB patches of smooth images (upsampled noise plus a
+    little fine noise, rounded to integers in [0, 255]), scaled to [0, 1] for ``"[0, 1]"``."""
+    p = round((n // 3) ** 0.5)
+    assert 3 * p * p == n, n
+    images = -(-r // 4)  # 4 patches an image, 2×2
+    low = torch.randn(images, 3, 4, 4, generator=gen, dtype=torch.float64)
+    up = F.interpolate(low, size=(2 * p, 2 * p), mode="bicubic", align_corners=False)
+    up = up / up.std() + 0.02 * torch.randn(up.shape, generator=gen, dtype=torch.float64)
+    x = (128 + 60 * up).clamp(0, 255).round()
+    rows = F.unfold(x, p, stride=p).transpose(1, 2).reshape(-1, n)[:r]
+    return rows / 255 if kind == "[0, 1]" else rows
 
 
 def tract_gradient(
     x: Tensor, out_grad: Tensor, lam: float, mode: str, solve_dtype: torch.dtype | None
-) -> tuple[Tensor, Tensor, bool]:
-    """(raw G, TrAct gradient, whether a PrecisionWarning was raised) of a fresh Linear for
-    inputs x and loss ⟨z, out_grad⟩."""
+) -> tuple[Tensor, Tensor, bool, str]:
+    """(raw G, TrAct gradient, whether a PrecisionWarning was raised, the statistics precision
+    chosen) of the second of two steps of a fresh Linear on inputs x and loss ⟨z, out_grad⟩."""
     layer = nn.Linear(x.shape[1], OUTPUTS, bias=False, dtype=x.dtype)
     kwargs: dict[str, Any] = {} if solve_dtype is None else {"solve_dtype": solve_dtype}
-    opt = TrActOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), layer, lam, **kwargs)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-autocast"):
-        z = layer(x)
-    (z.to(x.dtype) * out_grad).sum().backward()
-    assert layer.weight.grad is not None
-    raw = layer.weight.grad.clone()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        opt.precondition_()
+    opt = TrActOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), layer, lam, **kwargs)
+    for _ in range(2):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-autocast"):
+            z = layer(x)
+        (z.to(x.dtype) * out_grad).sum().backward()
+        assert layer.weight.grad is not None
+        raw = layer.weight.grad.clone()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.precondition_()
+        opt.step()
+    chosen = opt.state_dict()["tract"]["stats_dtype"][0]
     opt.remove()
     warned = any(w.category.__name__ == "PrecisionWarning" for w in caught)
-    return raw, layer.weight.grad, warned
-
-
-def relative_error(got: Tensor, expected: Tensor) -> float:
-    return float((got.double() - expected).abs().max() / expected.abs().max())
+    return raw, layer.weight.grad, warned, chosen
 
 
 def measure(quick: bool, solve_dtype: torch.dtype | None) -> list[dict[str, Any]]:
-    """One record per (path, n, r, mode, λ, seed)."""
+    """One record per (path, inputs, n, r, mode, λ, seed)."""
     records = []
     for path, shapes in cases(quick).items():
-        for n, r in shapes:
-            for seed in range(1 if quick else 2):
-                gen = torch.Generator().manual_seed(seed)
-                x64 = torch.randn(r, n, generator=gen, dtype=torch.float64)
-                out_grad = torch.randn(r, OUTPUTS, generator=gen, dtype=torch.float64)
-                for mode in MODES:
-                    dtype = torch.float64 if mode == "fp64" else torch.float32
-                    x, c = x64.to(dtype), out_grad.to(dtype)
-                    for lam in LAMS:
-                        raw, got, warned = tract_gradient(x, c, lam, mode, solve_dtype)
-                        error = relative_error(got, reference(x, raw, lam))
-                        records.append(
-                            {"path": path, "n": n, "r": r, "mode": mode, "lam": lam}
-                            | {"seed": seed, "error": error, "warned": warned}
-                        )
-                        note = " (warned)" if warned else ""
-                        print(f"{path:8} n={n:4} r={r:4} {mode:13} λ={lam:<6g} {error:.2e}{note}")
+        for inputs, modes in INPUTS.items():
+            for n, r in shapes:
+                if inputs != "standardised" and n != 768:
+                    continue
+                for seed in range(1 if quick else 2):
+                    gen = torch.Generator().manual_seed(seed)
+                    x64 = (
+                        torch.randn(r, n, generator=gen, dtype=torch.float64)
+                        if inputs == "standardised"
+                        else image_rows(r, n, inputs, gen)
+                    )
+                    out_grad = torch.randn(r, OUTPUTS, generator=gen, dtype=torch.float64)
+                    for mode in modes:
+                        dtype = torch.float64 if mode == "fp64" else torch.float32
+                        x, c = x64.to(dtype), out_grad.to(dtype)
+                        for lam in LAMS:
+                            raw, got, warned, chosen = tract_gradient(x, c, lam, mode, solve_dtype)
+                            error = relative_error(got, tract_grad(x[None], raw, lam))
+                            records.append(
+                                {"path": path, "inputs": inputs, "n": n, "r": r, "mode": mode}
+                                | {"lam": lam, "seed": seed, "error": error, "warned": warned}
+                                | {"statistics": chosen}
+                            )
+                            note = " (warned)" if warned else ""
+                            print(
+                                f"{path:8} {inputs:12} n={n:4} r={r:4} {mode:13} λ={lam:<6g} "
+                                f"{error:.2e} {chosen}{note}"
+                            )
     return records
 
 
@@ -113,16 +139,24 @@ def cell(records: list[dict[str, Any]]) -> str:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    """Markdown: one row per (path, precision), one column per λ, the worst error."""
-    head = "| path | precision | " + " | ".join(f"λ = {lam:g}" for lam in LAMS) + " |"
-    lines = [head, "| --- | --- |" + " --- |" * len(LAMS)]
+    """Markdown: one row per (path, precision, inputs), one column per λ, the worst error."""
+    head = "| path | precision | inputs | " + " | ".join(f"λ = {lam:g}" for lam in LAMS) + " |"
+    lines = [head, "| --- | --- | --- |" + " --- |" * len(LAMS)]
     for path in ("woodbury", "direct"):
-        for mode in MODES:
-            cells = [
-                cell([r for r in records if (r["path"], r["mode"], r["lam"]) == (path, mode, lam)])
-                for lam in LAMS
-            ]
-            lines.append(f"| {path} | {mode} | " + " | ".join(cells) + " |")
+        for inputs, modes in INPUTS.items():
+            for mode in modes:
+                key = (path, inputs, mode)
+                cells = [
+                    cell(
+                        [
+                            r
+                            for r in records
+                            if (r["path"], r["inputs"], r["mode"]) == key and r["lam"] == lam
+                        ]
+                    )
+                    for lam in LAMS
+                ]
+                lines.append(f"| {path} | {mode} | {inputs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -163,10 +197,10 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="write every record here")
     p.add_argument("--timing", action="store_true", help="time the fp32 and fp64 Woodbury solves")
     p.add_argument("--rounds", type=int, default=15, help="timing rounds (default 15)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for --timing (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.timing:
-        torch.set_num_threads(args.threads)
         print(timing(args.rounds))
         return
     records = measure(args.quick, DTYPES[args.solve_dtype])

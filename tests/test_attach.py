@@ -230,3 +230,40 @@ def test_torch_private_optimizer_state_is_all_there() -> None:
         "param_groups",
     }
     assert torch_attributes <= set(vars(opt)), torch_attributes - set(vars(opt))
+
+
+@pytest.mark.parametrize("several", [False, True], ids=["one", "two"])
+def test_checkpoints_of_the_earlier_format_load(several: bool) -> None:
+    """What earlier versions saved: the inner state dict (``{"optimizers": [...]}`` for several)
+    plus ``"tract": {"lam": [...], "solve_dtype": "None"}``. Written here by hand, as they wrote
+    it; loading it restores λ and every inner optimizer's state."""
+    source = conv_net()
+    inner = (
+        [SGD(source.first.parameters(), lr=0.1, momentum=0.9), Adam(source.head.parameters())]
+        if several
+        else [Adam(source.parameters())]
+    )
+    for step in range(2):
+        for o in inner:
+            o.zero_grad()
+        loss(source(images(step))).backward()
+        for o in inner:
+            o.step()
+    states = [o.state_dict() for o in inner]
+    old: dict[str, object] = {"optimizers": states} if several else dict(states[0])
+    old["tract"] = {"lam": [0.3], "solve_dtype": "None"}
+    target = conv_net()
+    fresh = (
+        [SGD(target.first.parameters(), lr=0.1, momentum=0.9), Adam(target.head.parameters())]
+        if several
+        else [Adam(target.parameters())]
+    )
+    opt = TrActOptimizer(fresh if several else fresh[0], target.first, 0.1)
+    opt.load_state_dict(copy.deepcopy(old))
+    assert opt.lams == (0.3,)
+    for got, want in zip(opt.optimizers, inner, strict=True):
+        loaded, saved = got.state_dict(), want.state_dict()
+        assert loaded["param_groups"] == saved["param_groups"]
+        for key in saved["state"]:
+            for name, value in saved["state"][key].items():
+                assert torch.equal(loaded["state"][key][name], value)
