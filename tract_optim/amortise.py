@@ -46,7 +46,8 @@ class Kept:
         return None
 
     def keep_factor(self, factor: solve.Factor, lam: float | Tensor, dtype: torch.dtype) -> None:
-        self._factor = factor
+        """Keep ``factor`` (with its inverse formed: it serves the steps until the next refresh)."""
+        self._factor = solve.with_inverse(factor)
         self._key = (float(lam), dtype) if isinstance(lam, float) else None
 
     def clear(self) -> None:

@@ -75,8 +75,9 @@ def run(jobs: list[Job], settings: Settings, fresh: list[bool]) -> None:
             s is not None and s.rows is not None,
         )
         lam = job.lam_tensor if job.lam_tensor is not None else job.lam
-        reuse = kept.factor(lam, job.dtype) if kept is not None and not again else None
-        _solve(job, job.dtype, reuse)
+        between = kept is not None and not again
+        reuse = kept.factor(lam, job.dtype) if kept is not None and between else None
+        _solve(job, job.dtype, reuse, invert=between)
     if settings.capturable:
         for job in jobs:
             assert job.new is not None and job.status is not None
@@ -95,9 +96,13 @@ def run(jobs: list[Job], settings: Settings, fresh: list[bool]) -> None:
         job.target.ledger.mark_preconditioned()
 
 
-def _solve(job: Job, dtype: torch.dtype, reuse: solve.Factor | None = None) -> None:
+def _solve(
+    job: Job, dtype: torch.dtype, reuse: solve.Factor | None = None, invert: bool = False
+) -> None:
     """This rank's rows of the TrAct gradient (rows, n), its status bits and its factor (``reuse``
-    if given, already checked), without host reads."""
+    if given, already checked), without host reads. ``invert``: apply a new factor through its
+    inverse, as a kept factor is applied between refreshes (so that a resume, which refactors,
+    rounds the same way)."""
     local, offset = distributed.local_rows(job.grad)
     flat = local.reshape(local.shape[0], job.target.geometry.n)
     stats = job.stats
@@ -110,6 +115,8 @@ def _solve(job: Job, dtype: torch.dtype, reuse: solve.Factor | None = None) -> N
     else:
         lam = job.lam_tensor if job.lam_tensor is not None else job.lam
         factor = solve.factor(stats, lam, dtype)
+        if invert:
+            factor = solve.with_inverse(factor)
         eps = max(torch.finfo(dtype).eps, torch.finfo(factor.known).eps) / 2
         status = factor.status + torch.where(
             eps * factor.cond > diagnostics.WARN_ERROR, int(Status.IMPRECISE), 0
