@@ -210,13 +210,23 @@ class TrActPreconditioner:
         for target in self._targets:
             target.collecting = refresh
 
-    def clip_(self, params: Sequence[Tensor]) -> None:
-        """Clip ``params``' gradients to ``clip_grad_norm`` if it is set (after preconditioning)."""
+    def clip_(self, params: Sequence[Tensor], scale: Tensor | None = None) -> None:
+        """Clip ``params``' gradients to total norm ``clip_grad_norm`` if it is set (after
+        preconditioning), as ``clip_grad_norm_`` does. ``scale``: the factor by which the
+        gradients are still scaled (a GradScaler leaves unscaling to a fused optimizer's step),
+        so that the norm measured and clipped is the unscaled gradient's."""
         max_norm = self._settings.clip_grad_norm
         if max_norm is None:
             return
-        grads = [p for p in params if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, self._settings.clip_norm_type)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads, self._settings.clip_norm_type)
+        if scale is not None:
+            norm = norm / scale.to(norm)
+        coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(coefficient.to(grad))
         self._last_grad_norm[0] = norm
 
     def stepped(self, requester: int) -> None:
@@ -246,6 +256,12 @@ class TrActPreconditioner:
             raise ValueError("attach: give at least one optimizer")
         for i, opt in enumerate(optimizers):
             check_optimizer(opt, f"optimizers[{i}]")
+            if not hasattr(opt, "_optimizer_step_pre_hooks"):
+                inner = getattr(opt, "optimizer", None)
+                hint = " (attach to the optimizer it wraps, .optimizer)" if inner else ""
+                raise TypeError(
+                    f"optimizers[{i}]: {type(opt).__name__} does not support step hooks{hint}"
+                )
             if any(opt is other for other in [*self._attached, *optimizers[:i]]):
                 raise ValueError(f"attach: optimizers[{i}] is already attached")
         self.check_held([*self._attached, *optimizers])
@@ -260,9 +276,31 @@ class TrActPreconditioner:
         self._attach_handles.append(handle)
         return handle
 
-    def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        self.precondition_for(id(optimizer), self._attached)
-        self.clip_([p for group in optimizer.param_groups for p in group["params"]])
+    def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> Any:
+        """Before ``optimizer.step()``: precondition and clip, or, when the step is given a
+        closure (which runs the backward, as Lightning's automatic optimization does), do it
+        right after that closure, inside the step."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._prepare(optimizer)
+            return None
+
+        def then_precondition() -> Any:
+            loss = closure()
+            self._prepare(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": then_precondition}
+        return (args[0], then_precondition, *args[2:]), kwargs
+
+    def _prepare(self, optimizer: Optimizer) -> None:
+        """Precondition for ``optimizer``'s step and clip its parameters."""
+        with torch.no_grad():
+            self.precondition_for(id(optimizer), self._attached)
+            scale = getattr(optimizer, "grad_scale", None)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self.clip_(params, scale if isinstance(scale, Tensor) else None)
 
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.stepped(id(optimizer))
