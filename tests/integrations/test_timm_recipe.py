@@ -233,6 +233,28 @@ def test_attached_to_a_fused_adamw(clip: float | None, error_log: ErrorLog) -> N
     error_log.record(f"timm recipe NativeScaler, attach to fused adamw, clip {clip}", error)
 
 
+def test_attached_to_a_fused_adamw_unscaled_before_the_step(error_log: ErrorLog) -> None:
+    """The README's remedy for the case above: ``scaler.unscale_(opt)`` before
+    ``scaler.step(opt)`` (a plain GradScaler loop), and the TrAct gradient is clipped."""
+    model = framework_net()
+    opt, sched, native, _ = build(model, "attach, fused", False, CLIP)
+    scaler = native._scaler
+    recorder = UpdateRecorder(model, scaler=scaler)
+    recorder.watch([opt])
+    loader = DataLoader(TensorDataset(*framework_data(4 * STEPS)), batch_size=4)
+    for step, (x, y) in enumerate(loader):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        sched.step_update(step + 1)
+    error = check_run(recorder, CLIP, 1)
+    error_log.record("timm recipe, attach to fused adamw, unscale_ first, clip 0.05", error)
+
+
 def test_timm_clip_grad_clips_the_raw_gradient() -> None:
     """What the README warns about: NativeScaler(clip_grad=...) clips before TrAct."""
     recorder = train("TrActOptimizer", False, None, 2, timm_clip=CLIP)
