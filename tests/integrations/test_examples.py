@@ -57,6 +57,7 @@ def run(args: list[str], timeout: float = 300) -> str:
         ("hf_trainer_example", "transformers", []),
         ("hf_trainer_example", "transformers", ["--attach"]),
     ],
+    ids=["lightning", "accelerate", "hf_trainer", "hf_trainer --attach"],
 )
 def test_example_runs(script: str, framework: str, options: list[str]) -> None:
     require(framework)
