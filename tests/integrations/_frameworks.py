@@ -7,7 +7,9 @@
 * post-accumulate-grad hooks keep every parameter's gradient right after the latest backward,
   i.e. the raw gradient that TrAct is meant to transform;
 * a step pre-hook on the first inner optimizer keeps the gradients the inner optimizer(s)
-  received, and a post-hook on the last one the weight change.
+  received, and a post-hook on the last one the weight change. Where ``step`` is given a
+  closure (Lightning's automatic optimization), the gradients are those the closure leaves, and
+  where a GradScaler left the unscaling to a fused optimizer (``grad_scale``), they are unscaled.
 
 ``check_step`` then computes in float64 what the inner optimizer must have received: the raw first
 layer gradient times (XᵀX/r + λI)⁻¹ (``kit.tract_grad`` on ``kit.stacked_rows``),
@@ -124,13 +126,31 @@ class UpdateRecorder:
         return hook
 
     def watch(self, inner: list[Optimizer] | tuple[Optimizer, ...]) -> None:
-        """Hook the inner optimizer(s), in stepping order."""
+        """Hook the inner optimizer(s), in stepping order (after ``attach``: hooks fire in the
+        order registered, and the record is of what TrAct's hooks leave)."""
         inner[0].register_step_pre_hook(self._pre)
         inner[-1].register_step_post_hook(self._post)
 
-    def _pre(self, opt: Optimizer, args: Any, kwargs: Any) -> None:
+    def _pre(self, opt: Optimizer, args: Any, kwargs: Any) -> Any:
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._received(opt)
+            return None
+
+        def then_record() -> Any:
+            loss = closure()
+            self._received(opt)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": then_record}
+        return (args[0], then_record, *args[2:]), kwargs
+
+    def _received(self, opt: Optimizer) -> None:
+        pending = getattr(opt, "grad_scale", None)  # still scaled: a fused kernel unscales
+        unscale = 1.0 if pending is None else float(pending)
         grads = {
-            name: p.grad.detach().double().clone()
+            name: p.grad.detach().double() / unscale
             for name, p in self.model.named_parameters()
             if p.grad is not None
         }

@@ -4,6 +4,10 @@ The training loop is ``scripts/examples/accelerate_example.py``'s ``train_epoch`
 Accelerate block); the model is ``framework_net`` on data whose channels have very different
 scales, so that TrAct, TrAct twice and no TrAct differ by far more than the tolerance
 (``check_step``).
+
+TrAct goes in either as a ``TrActOptimizer`` or as a ``TrActPreconditioner`` attached to the plain
+optimizer: before ``prepare``, or after it to ``opt.optimizer`` (the ``AcceleratedOptimizer``
+steps it, so its step hooks fire).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.integrations._frameworks import (
@@ -26,7 +31,7 @@ from tests.integrations._frameworks import (
     require,
 )
 from tests.kit import ErrorLog
-from tract_optim import TrActOptimizer
+from tract_optim import TrActOptimizer, TrActPreconditioner
 
 accelerate = require("accelerate")
 example = import_example("accelerate_example")
@@ -59,38 +64,55 @@ def check_all(recorder: UpdateRecorder, lam: float = LAM, clip: float | None = N
     return max(check_step(step, conv, lam, clip, sgd_lr=True) for step in recorder.steps)
 
 
+def with_tract(form: str, sgd: torch.optim.SGD, first: nn.Module, clip: float | None = None) -> Any:
+    """What goes into ``prepare``: ``sgd`` wrapped in a TrActOptimizer, or ``sgd`` itself with a
+    preconditioner attached (``form`` "attach"; any other attach form attaches later)."""
+    if form == "TrActOptimizer":
+        return TrActOptimizer(sgd, first, LAM, clip_grad_norm=clip)
+    if form == "attach":
+        TrActPreconditioner(first, LAM, clip_grad_norm=clip).attach(sgd)
+    return sgd
+
+
+@pytest.mark.parametrize("form", ["TrActOptimizer", "attach"])
 @pytest.mark.parametrize("order", ["optimizer, then prepare all", "prepare model first"])
-def test_prepare_before_and_after_creating_the_optimizer(order: str, error_log: ErrorLog) -> None:
+def test_prepare_before_and_after_creating_the_optimizer(
+    order: str, form: str, error_log: ErrorLog
+) -> None:
+    """The optimizer from the model before ``prepare``, or (the order FSDP needs) from the model
+    ``prepare(model)`` returned, and then ``prepare(model, opt, ...)`` again with that model."""
     accelerator = accelerate.Accelerator(cpu=True)
     model = framework_net()
     recorder = UpdateRecorder(model)
     if order == "prepare model first":
         model = accelerator.prepare(model)
         first = accelerator.unwrap_model(model).conv1
-        opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=LR), first, LAM)
-        tract = opt
-        sched = halving(opt)
-        opt, sched, data = accelerator.prepare(opt, sched, loader(3))
     else:
-        opt = TrActOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model.conv1, LAM)
-        tract = opt
-        sched = halving(opt)
-        model, opt, sched, data = accelerator.prepare(model, opt, sched, loader(3))
+        first = model.conv1
+    sgd = torch.optim.SGD(model.parameters(), lr=LR)
+    tract = with_tract(form, sgd, first)
+    sched = halving(tract)
+    model, opt, sched, data = accelerator.prepare(model, tract, sched, loader(3))
     assert opt.optimizer is tract
-    recorder.watch(tract.optimizers)
+    recorder.watch([sgd])
     example.train_epoch(accelerator, model, opt, sched, data)
     assert [step.lr for step in recorder.steps] == [LR, LR / 2, LR / 4]
-    error_log.record(f"accelerate prepare ({order})", check_all(recorder))
+    error_log.record(f"accelerate prepare ({order}), {form}", check_all(recorder))
 
 
-def accumulated_run(accumulate: int, batch: int, clip: float | None = None) -> UpdateRecorder:
+def accumulated_run(
+    accumulate: int, batch: int, clip: float | None = None, form: str = "TrActOptimizer"
+) -> UpdateRecorder:
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
     model = framework_net()
     recorder = UpdateRecorder(model)
     sgd = torch.optim.SGD(model.parameters(), lr=LR)
-    opt = TrActOptimizer(sgd, model.conv1, LAM, clip_grad_norm=clip)
+    opt = with_tract(form, sgd, model.conv1, clip)
     sched = halving(opt)
     model, opt, sched, data = accelerator.prepare(model, opt, sched, loader(8 // batch, batch))
+    if form == "attach after prepare":
+        first = accelerator.unwrap_model(model).conv1
+        TrActPreconditioner(first, LAM, clip_grad_norm=clip).attach(opt.optimizer)
     recorder.watch([sgd])
     example.train_epoch(accelerator, model, opt, sched, data)
     return recorder
@@ -108,11 +130,14 @@ def test_accumulate_equals_the_big_batch(error_log: ErrorLog) -> None:
         assert float((a - b).detach().abs().max()) <= 1e-6 * scale
 
 
-def test_clip_grad_norm_option_with_accumulation(error_log: ErrorLog) -> None:
-    """The recommended recipe: TrActOptimizer clips the TrAct gradient inside step()."""
-    recorder = accumulated_run(accumulate=2, batch=2, clip=CLIP)
+@pytest.mark.parametrize("form", ["TrActOptimizer", "attach", "attach after prepare"])
+def test_clip_grad_norm_option_with_accumulation(form: str, error_log: ErrorLog) -> None:
+    """The recommended recipe: TrAct clips the TrAct gradient inside step()."""
+    recorder = accumulated_run(accumulate=2, batch=2, clip=CLIP, form=form)
     assert [len(step.inputs) for step in recorder.steps] == [2, 2]
-    error_log.record("accelerate clip_grad_norm= with accumulate()", check_all(recorder, clip=CLIP))
+    error_log.record(
+        f"accelerate clip_grad_norm= with accumulate(), {form}", check_all(recorder, clip=CLIP)
+    )
 
 
 def test_precondition_then_accelerator_clip_grad_norm(error_log: ErrorLog) -> None:

@@ -50,16 +50,18 @@ def run(args: list[str], timeout: float = 300) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "script, framework",
+    "script, framework, options",
     [
-        ("lightning_example", "lightning"),
-        ("accelerate_example", "accelerate"),
-        ("hf_trainer_example", "transformers"),
+        ("lightning_example", "lightning", []),
+        ("accelerate_example", "accelerate", []),
+        ("hf_trainer_example", "transformers", []),
+        ("hf_trainer_example", "transformers", ["--attach"]),
     ],
+    ids=["lightning", "accelerate", "hf_trainer", "hf_trainer --attach"],
 )
-def test_example_runs(script: str, framework: str) -> None:
+def test_example_runs(script: str, framework: str, options: list[str]) -> None:
     require(framework)
-    assert "test accuracy" in run(["-m", f"scripts.examples.{script}", "--quick"])
+    assert "test accuracy" in run(["-m", f"scripts.examples.{script}", "--quick", *options])
 
 
 @pytest.mark.slow
