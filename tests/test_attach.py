@@ -267,3 +267,44 @@ def test_checkpoints_of_the_earlier_format_load(several: bool) -> None:
         for key in saved["state"]:
             for name, value in saved["state"][key].items():
                 assert torch.equal(loaded["state"][key][name], value)
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_attached_step_with_a_closure_preconditions_after_it(keyword: bool) -> None:
+    """``step(closure)`` whose closure runs the backward (Lightning's automatic optimization):
+    the update is TrAct of that closure's pass."""
+    model = conv_net()
+    opt = SGD(model.parameters(), lr=1.0)
+    TrActPreconditioner(model.first, LAM).attach(opt)
+    x = images(1)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        out = loss(model(x))
+        out.backward()
+        return out
+
+    before = model.first.weight.detach().clone()
+    raw = raw_grad(model, x)
+    opt.step(closure=closure) if keyword else opt.step(closure)
+    expected = tract_grad(stacked_rows(model.first, [x]), raw, LAM)
+    assert_moved_by(before, model.first.weight, expected)
+
+
+def test_attach_refuses_an_optimizer_without_step_hooks_before_any_change() -> None:
+    """A wrapper that subclasses Optimizer without its __init__ (Accelerate's
+    AcceleratedOptimizer) has no step hooks: a TypeError says to attach to what it wraps."""
+
+    class Wrapper(Optimizer):
+        def __init__(self, optimizer: Optimizer) -> None:
+            self.optimizer = optimizer
+
+        def step(self, closure: None = None) -> None:  # type: ignore[override]
+            self.optimizer.step()
+
+    model = conv_net()
+    sgd = SGD(model.parameters(), lr=0.1)
+    pre = TrActPreconditioner(model.first, LAM)
+    with pytest.raises(TypeError, match=r"optimizers\[1\]: Wrapper does not support step hooks.*"):
+        pre.attach(sgd, Wrapper(sgd))
+    assert not sgd._optimizer_step_pre_hooks

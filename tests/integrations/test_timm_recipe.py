@@ -218,17 +218,11 @@ def test_attached_to_the_optimizer_the_recipe_built(
     )
 
 
-SCALED_CLIP = pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="GradScaler does not unscale before a fused optimizer's step (its kernel does), so "
-    "the pre-hook clips the scaled gradient (to clip_grad_norm / scale once unscaled)",
-)
-
-
-@pytest.mark.parametrize("clip", [None, pytest.param(CLIP, marks=SCALED_CLIP)])
+@pytest.mark.parametrize("clip", [None, CLIP])
 def test_attached_to_a_fused_adamw(clip: float | None, error_log: ErrorLog) -> None:
-    """TrAct is linear, so preconditioning the still-scaled gradient is exact; clipping is not."""
+    """GradScaler leaves unscaling to a fused optimizer's step: TrAct is linear, so
+    preconditioning the still-scaled gradient is exact, and clipping measures the unscaled norm
+    (the optimizer's ``grad_scale``)."""
     error = check_run(train("attach, fused", False, clip, 2), clip, 2)
     error_log.record(f"timm recipe NativeScaler, attach to fused adamw, clip {clip}", error)
 
