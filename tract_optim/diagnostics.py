@@ -93,17 +93,19 @@ def _round(value: float) -> str:
     return f"1e{math.floor(math.log10(value)):+03d}"
 
 
-def raise_unusable(status: Status, what: str, lam: float) -> None:
-    """Raise ``FloatingPointError`` for statistics that give no usable update."""
+def raise_unusable(status: Status, what: str, lam: float, known: torch.dtype) -> None:
+    """Raise ``FloatingPointError`` for statistics that give no usable update; ``known``: the
+    precision of the statistics (float32 ones can be the cause)."""
+    wider = " or pass stats_dtype=torch.float64" if known != torch.float64 else ""
     if status & Status.NON_FINITE:
         raise FloatingPointError(
             f"{what}: the input statistics contain inf or NaN (the layer's inputs overflowed); "
-            "check the data pipeline or standardise the inputs"
+            f"check the data pipeline or standardise the inputs{wider}"
         )
     if status & Status.NOT_POSITIVE_DEFINITE:
         raise FloatingPointError(
             f"{what}: the damped input matrix xᵀx/r + λI (lam = {lam:g}) is not numerically "
-            "positive definite even in float64; increase lam or standardise the inputs"
+            f"positive definite even in float64; increase lam or standardise the inputs{wider}"
         )
 
 

@@ -147,7 +147,8 @@ def _check(jobs: list[Job]) -> None:
                 _solve(job, torch.float64)
                 assert job.status is not None
                 codes[k] = diagnostics.read([job.status])[0]
-            diagnostics.raise_unusable(codes[k], what, job.lam)
+            known = job.stats.accuracy if job.stats is not None else torch.float64
+            diagnostics.raise_unusable(codes[k], what, job.lam, known)
     for job, code in zip(jobs, codes, strict=True):
         factor = job.factor
         if factor is None or not job.fresh_factor:
