@@ -69,6 +69,24 @@ def twin_grad(model: nn.Module, work: Callable[[nn.Module], None], first: str) -
     return weight.grad.double()
 
 
+def assert_step_is_tract_of(
+    model: nn.Module,
+    opt: TrActOptimizer,
+    x: Tensor,
+    *,
+    run: Run | None = None,
+    first: str = "first",
+) -> None:
+    """One step on ``x`` through ``run`` (the model itself by default): the first layer's weight
+    moves by float64 TrAct of that pass alone."""
+    layer = model.get_submodule(first)
+    before = layer.weight.detach().clone()
+    raw = twin_grad(model, lambda m: loss(m(x)).backward(), first)
+    loss((model if run is None else run)(x)).backward()
+    opt.step()
+    assert_moved_by(before, layer.weight, tract_grad(stacked_rows(layer, [x]), raw, LAM))
+
+
 # --- 1. passes that never fed the weight gradient -------------------------------------------------
 
 
@@ -104,13 +122,7 @@ def test_backward_with_inputs_excluding_the_weight_counts_nothing(compiled: bool
     x1, x2 = images(1).requires_grad_(True), images(2)
     loss(run(x1)).backward(inputs=[x1])
     assert model.first.weight.grad is None
-    before = model.first.weight.detach().clone()
-    raw = twin_grad(model, lambda m: loss(m(x2)).backward(), "first")
-    loss(run(x2)).backward()
-    opt.step()
-    assert_moved_by(
-        before, model.first.weight, tract_grad(stacked_rows(model.first, [x2]), raw, LAM)
-    )
+    assert_step_is_tract_of(model, opt, x2, run=run)
 
 
 class _FailsInBackward(torch.autograd.Function):
@@ -149,12 +161,7 @@ def test_failed_backward_then_model_zero_grad_counts_only_the_next_batch(compile
     assert model.first.weight.grad is None  # nothing was accumulated
     model.zero_grad()
     x2 = images(2)
-    before = model.first.weight.detach().clone()
-    raw = twin_grad(model, lambda m: loss(m(x2)).backward(), "first")
-    loss(run(x2)).backward()
-    opt.step()
-    expected = tract_grad(stacked_rows(model.first, [x2]), raw, LAM)
-    assert_moved_by(before, model.first.weight, expected)
+    assert_step_is_tract_of(model, opt, x2, run=run)
 
 
 def test_failed_backward_that_reached_the_weight_counts_with_its_gradient() -> None:
@@ -322,13 +329,7 @@ def test_replaced_weight_is_followed_when_the_optimizer_holds_it() -> None:
     model.first.weight = nn.Parameter(model.first.weight.detach().clone() * 1.5)
     opt.param_groups[0]["params"] = list(model.parameters())
     x = images(1)
-    before = model.first.weight.detach().clone()
-    raw = twin_grad(model, lambda m: loss(m(x)).backward(), "first")
-    loss(model(x)).backward()
-    opt.step()
-    assert_moved_by(
-        before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM)
-    )
+    assert_step_is_tract_of(model, opt, x)
 
 
 def test_replaced_weight_the_optimizer_does_not_hold_raises_at_step() -> None:
@@ -384,11 +385,7 @@ def test_torch_func_per_sample_gradients_are_not_recorded(kind: str) -> None:
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0))(params, x)
     assert per_sample["first.weight"].shape[0] == 3
     # Nothing was recorded: the next step is TrAct of its own pass alone.
-    before = first.weight.detach().clone()
-    raw = twin_grad(model, lambda m: loss(m(x)).backward(), "first")
-    loss(model(x)).backward()
-    opt.step()
-    assert_moved_by(before, first.weight, tract_grad(stacked_rows(first, [x]), raw, LAM))
+    assert_step_is_tract_of(model, opt, x)
 
 
 # --- 7. construction: all or nothing, clear refusals ----------------------------------------------
@@ -402,24 +399,14 @@ def test_construction_changes_nothing_until_it_succeeds() -> None:
     with pytest.raises(ValueError, match=r"lam\[0\]"):
         TrActOptimizer(sgd(model), model.first, -1.0)
     x = images(1)
-    before = model.first.weight.detach().clone()
-    raw = twin_grad(model, lambda m: loss(m(x)).backward(), "first")
-    loss(model(x)).backward()
-    opt.step()  # still preconditions: it was not superseded
-    expected = tract_grad(stacked_rows(model.first, [x]), raw, LAM)
-    assert_moved_by(before, model.first.weight, expected)
+    assert_step_is_tract_of(model, opt, x)  # still preconditions: it was not superseded
     model.first.requires_grad_(False)
     with pytest.warns(UserWarning, match="takes over its hooks"):
         new = TrActOptimizer(sgd(model), model.first, LAM)
     model.first.requires_grad_(True)
     opt.zero_grad()
     x = images(2)
-    before = model.first.weight.detach().clone()
-    raw = twin_grad(model, lambda m: loss(m(x)).backward(), "first")
-    loss(model(x)).backward()
-    new.step()
-    expected = tract_grad(stacked_rows(model.first, [x]), raw, LAM)
-    assert_moved_by(before, model.first.weight, expected)
+    assert_step_is_tract_of(model, new, x)
 
 
 def test_frozen_first_layer_is_accepted_and_trained_once_unfrozen() -> None:
@@ -457,11 +444,7 @@ def test_user_hook_that_reshapes_the_output_still_trains_exactly() -> None:
     model = nn.Sequential(conv, head)
     opt = TrActOptimizer(sgd(model), conv, LAM)
     x = images(1)
-    before = conv.weight.detach().clone()
-    raw = twin_grad(model, lambda m: loss(m(x)).backward(), "0")
-    loss(model(x)).backward()
-    opt.step()
-    assert_moved_by(before, conv.weight, tract_grad(stacked_rows(conv, [x]), raw, LAM))
+    assert_step_is_tract_of(model, opt, x, first="0")
 
 
 # --- 8. leaks ------------------------------------------------------------------------------------
@@ -510,13 +493,7 @@ def test_deleted_optimizers_take_their_hooks_with_them() -> None:
     assert len(model.first.weight._backward_hooks or {}) <= 1
     opt = TrActOptimizer(sgd(model), model.first, LAM)
     x = images(1)
-    before = model.first.weight.detach().clone()
-    raw = twin_grad(model, lambda m: loss(m(x)).backward(), "first")
-    loss(model(x)).backward()
-    opt.step()
-    assert_moved_by(
-        before, model.first.weight, tract_grad(stacked_rows(model.first, [x]), raw, LAM)
-    )
+    assert_step_is_tract_of(model, opt, x)
 
 
 # --- 9. torch conventions ------------------------------------------------------------------------
