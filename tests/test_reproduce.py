@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scripts import data, plot, presets, reproduce, summary, train
+from tract_optim import TrActOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -328,15 +329,15 @@ def test_cli_resume_skips_finished_runs_and_matches(
 
 
 def test_presets_pair_tract_with_its_baseline() -> None:
-    """Every TrAct run equals a baseline run of the same panel except for λ (same seed, budget,
-    lr, inputs); the paper's ResNet presets run λ ∈ {0.05, 0.1, 0.2}; SGD and Adam presets share
-    their weight decay; the demo's lrs come from their search grids."""
+    """Every TrAct run equals a baseline run of the same panel except for λ and stats_every
+    (same seed, budget, lr, inputs); the paper's ResNet presets run λ ∈ {0.05, 0.1, 0.2}; SGD and
+    Adam presets share their weight decay; the demo's lrs come from their search grids."""
     for name in [None, *presets.PRESETS]:
         for panel in presets.build(name, presets.Overrides(epochs=[100], seeds=2)):
             baselines = {m.run for m in panel.members if m.series == presets.BASELINE}
             for m in panel.members:
                 if m.run.lam is not None and m.run.optimizer != "sgd_first_adam_rest":
-                    assert replace(m.run, lam=None) in baselines, (name, m)
+                    assert replace(m.run, lam=None, stats_every=1) in baselines, (name, m)
     for name in ("cifar10-resnet18-sgd", "cifar10-resnet18-adam"):
         lams = {m.run.lam for m in presets.build(name, presets.Overrides())[0].members}
         assert lams == {None, 0.05, 0.1, 0.2}
@@ -356,6 +357,28 @@ def test_presets_pair_tract_with_its_baseline() -> None:
         for m in p.members:  # standardised-input lr of that budget, for every input range
             assert m.run.lr == setting.lr(m.run.epochs)
     assert {m.run.input_range for p in demo for m in p.members} == set(data.INPUT_RANGES)
+
+
+def test_stats_every_keeps_earlier_run_ids_and_reaches_the_optimizer() -> None:
+    """stats_every = 1 leaves a run's recorded config and id as they were before the setting
+    existed (pinned here), so earlier results stay reusable with --resume; any other value
+    changes the id, is recorded, and reaches TrActOptimizer (whose state then counts steps)."""
+    exact = replace(presets.DEMO_SETTINGS[0].template(2), lam=0.1)
+    assert exact.run_id == "digits_digits_cnn_sgd_standard_tract-lam0.1_lr1_e2_s0_c1b8d19f"
+    assert "stats_every" not in exact.as_dict()
+    every = replace(exact, stats_every=16)
+    assert every.run_id.startswith("digits_digits_cnn_sgd_standard_tract-lam0.1-every16_lr1_e2_")
+    assert every.as_dict()["stats_every"] == 16 and train.RunConfig(**every.as_dict()) == every
+    train_x = data.load_digits_data().train_x
+    for cfg, counts_steps in ((exact, False), (every, True)):
+        optimizer = train.build(cfg, train_x, CPU).optimizer
+        assert isinstance(optimizer, TrActOptimizer)
+        assert ("step" in optimizer.preconditioner.state_dict()) == counts_steps
+        optimizer.remove()
+    with pytest.raises(ValueError, match="stats_every"):
+        replace(exact, lam=None, stats_every=4)
+    with pytest.raises(ValueError, match="stats_every"):
+        replace(exact, stats_every=0)
 
 
 def test_missing_cifar_says_how_to_get_it(tmp_path: Path) -> None:
