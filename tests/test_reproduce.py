@@ -40,14 +40,14 @@ def _one_thread() -> Any:
 
 def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     """--quick trains every panel of the demo in worker processes and writes per-run JSON with
-    settings and curves, results.json, summary.md and the four figures; the printed numbers
+    settings and curves, results.json, summary.md and the five figures; the printed numbers
     are those of the runs. ``scripts.plot`` redraws from the summary stored in results.json."""
     out = tmp_path / "quick"
     proc = subprocess.run(  # from the root: this checkout's scripts and tract_optim
         [sys.executable, "-m", "scripts.reproduce", "--quick", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
-    for name in ("accuracy.png", "loss.png", "lambda.png", "input_range.png"):
+    for name in ("accuracy.png", "loss.png", "lambda.png", "input_range.png", "amortise.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((out / "checkpoints").iterdir())  # finished runs leave no checkpoint
     results = json.loads((out / "results.json").read_text())
@@ -63,8 +63,11 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
         assert [h["epoch"] for h in run["history"]] == list(range(1, cfg.epochs + 1))
         assert run["final_train_loss"] == run["history"][-1]["train_loss"] > 0
         assert run["final_test_acc"] == run["history"][-1]["test_acc"]
-    assert {p["kind"] for p in results["panels"]} == {"budget", "lambda", "input_range"}
+    kinds = {"budget", "lambda", "input_range", "amortise"}
+    assert {p["kind"] for p in results["panels"]} == kinds
+    assert [s["kind"] for s in results["summary"]] == [p["kind"] for p in results["panels"]]
     assert (out / "summary.md").read_text() in proc.stdout
+    assert proc.stdout.count("| stats_every | TrAct acc (%) |") == 4
 
     # One printed cell against the runs, recomputed here: CNN / SGD at 2 epochs, baseline.
     panel = results["panels"][0]
@@ -379,6 +382,98 @@ def test_stats_every_keeps_earlier_run_ids_and_reaches_the_optimizer() -> None:
         replace(exact, lam=None, stats_every=4)
     with pytest.raises(ValueError, match="stats_every"):
         replace(exact, stats_every=0)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_amortise_panels_reuse_the_budget_runs(quick: bool) -> None:
+    """The amortised-statistics panels (CNN / SGD and ViT / Adam, two budgets each) pair TrAct
+    at every stats_every with the very baseline and exact-TrAct runs of the budget panels (same
+    run ids: trained once), so they add only the stats_every > 1 runs."""
+    panels = presets.build(None, presets.Overrides(), quick=quick)
+    amortise = [p for p in panels if p.kind == "amortise"]
+    budgets = presets.QUICK_EPOCHS if quick else presets.AMORTISE_EPOCHS
+    seeds = presets.QUICK_SEEDS if quick else presets.DEMO_SEEDS
+    settings = ("CNN / SGD", "ViT / Adam")
+    assert [p.title for p in amortise] == [
+        f"amortised statistics: {s}, {e} epoch" + ("s" if e != 1 else "")
+        for s in settings
+        for e in budgets
+    ]
+    budget_runs = {
+        m.run.run_id: (p.title, m.series) for p in panels if p.kind == "budget" for m in p.members
+    }
+    for panel in amortise:
+        setting = next(s for s in settings if f": {s}," in panel.title)
+        assert {m.x for m in panel.members} == {None, *presets.AMORTISE_EVERY}
+        for m in panel.members:
+            assert m.run.lam == (None if m.x is None else presets.DEMO_LAM)
+            assert m.run.stats_every == (1 if m.x is None else m.x)
+            assert m.run.epochs in budgets
+            if m.x in (None, 1):
+                series = presets.BASELINE if m.x is None else presets.tract_series(0.1)
+                assert budget_runs[m.run.run_id] == (setting, series)
+    others = [m for p in amortise for m in p.members if m.x not in (None, 1)]
+    assert not {m.run.run_id for m in others} & budget_runs.keys()
+    without = [p for p in panels if p.kind != "amortise"]
+    added = len(presets.unique_runs(panels)) - len(presets.unique_runs(without))
+    assert added == len(others) == len(settings) * len(budgets) * 3 * seeds
+
+
+def _fake_result(run: train.RunConfig, acc: float, loss: float) -> dict[str, Any]:
+    """What ``train_run`` returns, as far as the summary and the figures read it."""
+    return {
+        "run_id": run.run_id,
+        "config": run.as_dict(),
+        "augmentation": "none",
+        "final_test_acc": acc,
+        "final_train_loss": loss,
+    }
+
+
+def test_amortise_summary_pairs_with_exact_tract_and_the_baseline(tmp_path: Path) -> None:
+    """Synthetic accuracies: every stats_every is paired seed by seed with exact TrAct
+    (stats_every = 1) and with the baseline; exact TrAct's own row has no pairing with itself;
+    summary.md has the panel's table and amortise.png is written."""
+    template = presets.DEMO_SETTINGS[0].template(2)
+    amortise = presets._amortise_panel("amortised", template, 3, 0.1, (1, 4, 16))
+    acc = {  # x → accuracy per seed 0, 1, 2 (None: the baseline)
+        None: [0.80, 0.90, 0.70],
+        1: [0.86, 0.95, 0.77],
+        4: [0.85, 0.96, 0.75],
+        16: [0.87, 0.95, 0.79],
+    }
+    runs = {
+        m.run.run_id: _fake_result(m.run, acc[m.x][m.run.seed], 1.0 - acc[m.x][m.run.seed])
+        for m in amortise.members
+    }
+    panel = amortise.to_json()
+    (result,) = summary.summarize([panel], runs)
+    assert result["kind"] == "amortise" and [r["x"] for r in result["rows"]] == [1, 4, 16]
+    pct = {x: {s: 100 * a for s, a in enumerate(v)} for x, v in acc.items()}
+    for row in result["rows"]:
+        x, got = row["x"], row["acc"]
+        assert got["series"] == summary.asdict(summary.stat(pct[x]))
+        assert got["exact"] == summary.asdict(summary.stat(pct[1]))
+        assert got["baseline"] == summary.asdict(summary.stat(pct[None]))
+        assert got["paired"] == summary.asdict(summary.paired(pct[None], pct[x], True))
+        if x == 1:
+            assert got["paired_exact"] is None
+        else:
+            expected = summary.paired(pct[1], pct[x], True)
+            assert expected is not None and got["paired_exact"] == summary.asdict(expected)
+    four = result["rows"][1]["acc"]["paired_exact"]
+    assert four["mean"] == pytest.approx(-2 / 3) and (four["better"], four["n"]) == (1, 3)
+    loss = result["rows"][1]["loss"]["paired_exact"]  # lower is better for losses
+    assert loss["mean"] == pytest.approx(2 / 300) and loss["better"] == 1
+
+    text = plot.write_all(tmp_path, [panel], runs, [result])
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| stats_every | TrAct acc (%) | Δ pts vs exact")
+    assert rows[2].startswith("| 1 | ") and "| (exact) | (exact) |" in rows[2]
+    cells = rows[3].split(" | ")
+    assert cells[2:4] == [summary._delta(four, 2), "1/3"]
+    assert "Amortised statistics:" in text
+    assert (tmp_path / "amortise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_cifar_says_how_to_get_it(tmp_path: Path) -> None:
