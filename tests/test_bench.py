@@ -253,9 +253,16 @@ def test_suite_markdown_has_a_row_per_case(suite_report: Report) -> None:
 
 
 def test_suite_skips_what_does_not_fit_the_budget(tmp_path: Path) -> None:
-    """No time left: every case is skipped, and the report says which and why."""
+    """No time left: every case is skipped, and the report says which and why; ``--only``
+    picks cases by section and name; the expected time of what is picked is recorded."""
     run_bench("--gpu-suite", str(tmp_path), "--device", "cpu", "--tiny", "--budget-s", "0")
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["cases"] == [] and len(report["skipped"]) == len(SECTIONS)
     table = (tmp_path / "bench.md").read_text()
     assert table.count("- skipped: ") == len(SECTIONS)
+    everything = report["settings"]["expected_s"]
+    args = ["--gpu-suite", str(tmp_path), "--device", "cpu", "--tiny", "--budget-s", "0"]
+    run_bench(*args, "--only", "models, compiled")
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [s.split(" (")[0] for s in report["skipped"]] == ["ViT-S/16", "ResNet-50"]
+    assert 0 < report["settings"]["expected_s"] < everything

@@ -27,11 +27,13 @@ allocated before it.
 
 ``--gpu-suite DIR`` is the one-shot GPU preset (first layers at realistic batches, whole
 ResNet-50 and ViT-S/16 steps with bf16 autocast, eager and ``torch.compile``, exact and
-amortised) under a time budget, writing JSON and markdown to DIR after every case. The
-authors' package (PyPI ``torch-tract``) is optional; its column is left out when it is not
-installed. Run ``python -m scripts.bench --help`` from the repository root for the options:
-``-m`` puts the root first on ``sys.path``, so the tract_optim of this checkout is benchmarked,
-not an installed one.
+amortised) under a time budget, writing JSON and markdown to DIR after every case. It prints
+how long every case with every variant is expected to take (calibrated on an earlier H200 run;
+compilation dominates) and runs, in order of priority, what is expected to fit; ``--only`` picks
+cases, e.g. to run the rest in a second call. The authors' package (PyPI ``torch-tract``) is
+optional; its column is left out when it is not installed. Run ``python -m scripts.bench
+--help`` from the repository root for the options: ``-m`` puts the root first on ``sys.path``,
+so the tract_optim of this checkout is benchmarked, not an installed one.
 
 Modules: ``cases`` (what is run), ``variants`` (how the first layer is trained), ``runner`` (one
 variant of one case, and the interleaved timing), ``memory`` (the peak-memory subprocess),

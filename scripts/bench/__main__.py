@@ -88,7 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-models", action="store_true", help="skip the whole-model cases")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--no-authors", action="store_true", help="skip the torch-tract variant")
-    p.add_argument("--only", default="", help="run only cases whose name contains this")
+    p.add_argument(
+        "--only",
+        default="",
+        help="run only cases whose name contains this (suite: whose 'section: case', e.g. "
+        "'models, compiled' or 'ResNet-50')",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="write the tables here")
     p.add_argument("--_memory", nargs=2, default=None, help=argparse.SUPPRESS)
