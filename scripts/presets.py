@@ -19,9 +19,11 @@ from typing import Any
 from scripts.train import RunConfig
 
 BASELINE = "baseline"
-#: Panel kinds: accuracy vs epoch budget, vs λ (one baseline for the panel), vs input range, and
-#: the demo's learning-rate search (validation accuracy vs budget, one series per lr).
-KINDS = ("budget", "lambda", "input_range", "tuning")
+#: Panel kinds: accuracy vs epoch budget, vs λ (one baseline for the panel), vs input range, vs
+#: TrAct's statistics refresh interval ``stats_every`` (one baseline; 1 is exact TrAct, the
+#: reference of the others), and the demo's learning-rate search (validation accuracy vs budget,
+#: one series per lr).
+KINDS = ("budget", "lambda", "input_range", "amortise", "tuning")
 RANGE_LABELS = {"standard": "standardised", "unit": "[0, 1]", "byte": "[0, 255]"}
 
 
@@ -105,6 +107,20 @@ def _range_panel(title: str, base: RunConfig, seeds: int, lams: Sequence[float])
     return Panel(title, "input_range", tuple(members))
 
 
+def _amortise_panel(
+    title: str, base: RunConfig, seeds: int, lam: float, every: Sequence[int]
+) -> Panel:
+    """TrAct with λ = ``lam`` at every ``stats_every`` in ``every`` against one baseline, at the
+    template's budget; the members at ``stats_every`` = 1 are exact TrAct (the same runs as a
+    budget panel's TrAct at that budget, so they are trained once)."""
+    members = []
+    for s in range(seeds):
+        run = replace(base, seed=s)
+        members.append(Member(BASELINE, None, run))
+        members += [Member("TrAct", k, replace(run, lam=lam, stats_every=k)) for k in every]
+    return Panel(title, "amortise", tuple(members))
+
+
 # ---------------------------------------------------------------------------------------------
 # The digits demo (CPU)
 
@@ -151,6 +167,9 @@ DEMO_SEEDS = 10
 DEMO_LAM = 0.1
 DEMO_LAMS = (0.05, 0.1, 0.2, 0.5, 1.0)  # the λ panel (paper Fig. 6)
 SHORT_BUDGET = 2  # epochs of the λ and input-range panels
+#: The amortised-statistics panels: TrAct λ = DEMO_LAM at these ``stats_every`` and budgets.
+AMORTISE_EVERY = (1, 4, 16, 64)
+AMORTISE_EPOCHS = (2, 8)
 TUNE_SEEDS = 5
 QUICK_EPOCHS = (1, 2)
 QUICK_SEEDS = 2
@@ -159,7 +178,8 @@ QUICK_SHORT_BUDGET = 1
 
 def demo(o: Overrides, quick: bool = False) -> list[Panel]:
     """Digits: accuracy vs budget for each setting; λ and input-range panels for the CNN / SGD
-    and ViT / Adam settings at one short budget."""
+    and ViT / Adam settings at one short budget; amortised-statistics panels for those two
+    settings at two budgets (``--quick``: its two budgets)."""
     epochs = o.epochs or (QUICK_EPOCHS if quick else DEMO_EPOCHS)
     seeds = o.seeds or (QUICK_SEEDS if quick else DEMO_SEEDS)
     short = QUICK_SHORT_BUDGET if quick else SHORT_BUDGET
@@ -176,6 +196,10 @@ def demo(o: Overrides, quick: bool = False) -> list[Panel]:
     for d in short_settings:
         title = f"input range: {d.title}, {budget}"
         panels.append(_range_panel(title, d.template(short), seeds, lams))
+    for d in short_settings:
+        for e in QUICK_EPOCHS if quick else AMORTISE_EPOCHS:
+            title = f"amortised statistics: {d.title}, {e} epoch" + ("s" if e != 1 else "")
+            panels.append(_amortise_panel(title, d.template(e), seeds, DEMO_LAM, AMORTISE_EVERY))
     return panels
 
 

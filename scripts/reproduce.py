@@ -7,9 +7,9 @@
 
 Writes OUT/runs/RUN_ID.json per run (every setting, per-epoch training loss and test accuracy,
 final numbers), OUT/results.json (panels, summary and all runs), OUT/summary.md and the figures
-(accuracy.png, loss.png, lambda.png, input_range.png); prints the tables. Each run checkpoints
-every epoch to OUT/checkpoints; ``--resume`` keeps finished runs and continues unfinished ones from
-their last epoch, to the same final numbers.
+(accuracy.png, loss.png, lambda.png, input_range.png, amortise.png); prints the tables. Each run
+checkpoints every epoch to OUT/checkpoints; ``--resume`` keeps finished runs and continues
+unfinished ones from their last epoch, to the same final numbers.
 """
 
 from __future__ import annotations

@@ -39,16 +39,20 @@ SCHEDULES = ("cosine", "multistep_warmup")
 
 
 EVAL_SPLITS = ("test", "validation")
+#: Settings added after results were published, at their defaults: ``RunConfig.as_dict`` leaves
+#: them out, so that the run ids and recorded configs of earlier runs stay valid (``--resume``).
+LATER_DEFAULTS: dict[str, Any] = {"stats_every": 1}
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Every setting that determines one run (and nothing else, so equal configs are one run).
 
-    ``lam`` is TrAct's damping (``None`` for a baseline). ``augment`` names an entry of
-    ``data.AUGMENTATIONS``. ``evaluate_on="validation"`` trains on the training images minus a
-    held-out 20 % and evaluates on those (learning-rate tuning); "test" trains on all training
-    images and evaluates on the test set.
+    ``lam`` is TrAct's damping (``None`` for a baseline); ``stats_every`` is TrAct's statistics
+    refresh interval (1: exact TrAct). ``augment`` names an entry of ``data.AUGMENTATIONS``.
+    ``evaluate_on="validation"`` trains on the training images minus a held-out 20 % and
+    evaluates on those (learning-rate tuning); "test" trains on all training images and
+    evaluates on the test set.
     """
 
     dataset: str
@@ -67,6 +71,7 @@ class RunConfig:
     input_range: str = "standard"
     augment: str = "none"
     evaluate_on: str = "test"
+    stats_every: int = 1
 
     def __post_init__(self) -> None:
         checks = [
@@ -82,6 +87,12 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{name} must be one of {allowed}, got {value!r}")
         if self.lam is not None and not self.lam > 0:
             raise ValueError(f"RunConfig.lam must be > 0 (or None for a baseline), got {self.lam}")
+        if isinstance(self.stats_every, bool) or not (
+            isinstance(self.stats_every, int) and self.stats_every >= 1
+        ):
+            raise ValueError(f"RunConfig.stats_every must be an int >= 1, got {self.stats_every!r}")
+        if self.stats_every > 1 and self.lam is None:
+            raise ValueError("RunConfig.stats_every > 1 is a TrAct setting: set lam")
         if self.optimizer == "sgd_first_adam_rest" and self.lam is None:
             raise ValueError("optimizer 'sgd_first_adam_rest' is only wired up with TrAct: set lam")
 
@@ -90,12 +101,18 @@ class RunConfig:
         """A readable, file-name-safe identifier, unique per configuration (it ends in a hash
         of every setting)."""
         method = f"tract-lam{self.lam:g}" if self.lam is not None else "baseline"
+        method += f"-every{self.stats_every}" if self.stats_every > 1 else ""
         parts = [self.dataset, self.model, self.optimizer, self.input_range, method]
         digest = hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
         return "_".join([*parts, f"lr{self.lr:g}", f"e{self.epochs}", f"s{self.seed}", digest[:8]])
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting, except those of ``LATER_DEFAULTS`` at their defaults."""
+        return {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]
+        }
 
 
 class Schedule:
@@ -174,7 +191,7 @@ def build(cfg: RunConfig, train_x: Tensor, device: torch.device) -> Trainer:
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in inner]
     optimizer: torch.optim.Optimizer = inner[0]
     if first is not None and cfg.lam is not None:  # both set together; the check is for mypy
-        optimizer = TrActOptimizer(built, first, lam=cfg.lam)
+        optimizer = TrActOptimizer(built, first, lam=cfg.lam, stats_every=cfg.stats_every)
     generator = torch.Generator().manual_seed(cfg.seed)
     return Trainer(model, optimizer, inner, schedulers, generator)
 

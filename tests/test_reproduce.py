@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scripts import data, plot, presets, reproduce, summary, train
+from tract_optim import TrActOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,14 +40,14 @@ def _one_thread() -> Any:
 
 def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     """--quick trains every panel of the demo in worker processes and writes per-run JSON with
-    settings and curves, results.json, summary.md and the four figures; the printed numbers
+    settings and curves, results.json, summary.md and the five figures; the printed numbers
     are those of the runs. ``scripts.plot`` redraws from the summary stored in results.json."""
     out = tmp_path / "quick"
     proc = subprocess.run(  # from the root: this checkout's scripts and tract_optim
         [sys.executable, "-m", "scripts.reproduce", "--quick", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
-    for name in ("accuracy.png", "loss.png", "lambda.png", "input_range.png"):
+    for name in ("accuracy.png", "loss.png", "lambda.png", "input_range.png", "amortise.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((out / "checkpoints").iterdir())  # finished runs leave no checkpoint
     results = json.loads((out / "results.json").read_text())
@@ -62,8 +63,11 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
         assert [h["epoch"] for h in run["history"]] == list(range(1, cfg.epochs + 1))
         assert run["final_train_loss"] == run["history"][-1]["train_loss"] > 0
         assert run["final_test_acc"] == run["history"][-1]["test_acc"]
-    assert {p["kind"] for p in results["panels"]} == {"budget", "lambda", "input_range"}
+    kinds = {"budget", "lambda", "input_range", "amortise"}
+    assert {p["kind"] for p in results["panels"]} == kinds
+    assert [s["kind"] for s in results["summary"]] == [p["kind"] for p in results["panels"]]
     assert (out / "summary.md").read_text() in proc.stdout
+    assert proc.stdout.count("| stats_every | TrAct acc (%) |") == 4
 
     # One printed cell against the runs, recomputed here: CNN / SGD at 2 epochs, baseline.
     panel = results["panels"][0]
@@ -328,15 +332,15 @@ def test_cli_resume_skips_finished_runs_and_matches(
 
 
 def test_presets_pair_tract_with_its_baseline() -> None:
-    """Every TrAct run equals a baseline run of the same panel except for λ (same seed, budget,
-    lr, inputs); the paper's ResNet presets run λ ∈ {0.05, 0.1, 0.2}; SGD and Adam presets share
-    their weight decay; the demo's lrs come from their search grids."""
+    """Every TrAct run equals a baseline run of the same panel except for λ and stats_every
+    (same seed, budget, lr, inputs); the paper's ResNet presets run λ ∈ {0.05, 0.1, 0.2}; SGD and
+    Adam presets share their weight decay; the demo's lrs come from their search grids."""
     for name in [None, *presets.PRESETS]:
         for panel in presets.build(name, presets.Overrides(epochs=[100], seeds=2)):
             baselines = {m.run for m in panel.members if m.series == presets.BASELINE}
             for m in panel.members:
                 if m.run.lam is not None and m.run.optimizer != "sgd_first_adam_rest":
-                    assert replace(m.run, lam=None) in baselines, (name, m)
+                    assert replace(m.run, lam=None, stats_every=1) in baselines, (name, m)
     for name in ("cifar10-resnet18-sgd", "cifar10-resnet18-adam"):
         lams = {m.run.lam for m in presets.build(name, presets.Overrides())[0].members}
         assert lams == {None, 0.05, 0.1, 0.2}
@@ -356,6 +360,120 @@ def test_presets_pair_tract_with_its_baseline() -> None:
         for m in p.members:  # standardised-input lr of that budget, for every input range
             assert m.run.lr == setting.lr(m.run.epochs)
     assert {m.run.input_range for p in demo for m in p.members} == set(data.INPUT_RANGES)
+
+
+def test_stats_every_keeps_earlier_run_ids_and_reaches_the_optimizer() -> None:
+    """stats_every = 1 leaves a run's recorded config and id as they were before the setting
+    existed (pinned here), so earlier results stay reusable with --resume; any other value
+    changes the id, is recorded, and reaches TrActOptimizer (whose state then counts steps)."""
+    exact = replace(presets.DEMO_SETTINGS[0].template(2), lam=0.1)
+    assert exact.run_id == "digits_digits_cnn_sgd_standard_tract-lam0.1_lr1_e2_s0_c1b8d19f"
+    assert "stats_every" not in exact.as_dict()
+    every = replace(exact, stats_every=16)
+    assert every.run_id.startswith("digits_digits_cnn_sgd_standard_tract-lam0.1-every16_lr1_e2_")
+    assert every.as_dict()["stats_every"] == 16 and train.RunConfig(**every.as_dict()) == every
+    train_x = data.load_digits_data().train_x
+    for cfg, counts_steps in ((exact, False), (every, True)):
+        optimizer = train.build(cfg, train_x, CPU).optimizer
+        assert isinstance(optimizer, TrActOptimizer)
+        assert ("step" in optimizer.preconditioner.state_dict()) == counts_steps
+        optimizer.remove()
+    with pytest.raises(ValueError, match="stats_every"):
+        replace(exact, lam=None, stats_every=4)
+    with pytest.raises(ValueError, match="stats_every"):
+        replace(exact, stats_every=0)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_amortise_panels_reuse_the_budget_runs(quick: bool) -> None:
+    """The amortised-statistics panels (CNN / SGD and ViT / Adam, two budgets each) pair TrAct
+    at every stats_every with the very baseline and exact-TrAct runs of the budget panels (same
+    run ids: trained once), so they add only the stats_every > 1 runs."""
+    panels = presets.build(None, presets.Overrides(), quick=quick)
+    amortise = [p for p in panels if p.kind == "amortise"]
+    budgets = presets.QUICK_EPOCHS if quick else presets.AMORTISE_EPOCHS
+    seeds = presets.QUICK_SEEDS if quick else presets.DEMO_SEEDS
+    settings = ("CNN / SGD", "ViT / Adam")
+    assert [p.title for p in amortise] == [
+        f"amortised statistics: {s}, {e} epoch" + ("s" if e != 1 else "")
+        for s in settings
+        for e in budgets
+    ]
+    budget_runs = {
+        m.run.run_id: (p.title, m.series) for p in panels if p.kind == "budget" for m in p.members
+    }
+    for panel in amortise:
+        setting = next(s for s in settings if f": {s}," in panel.title)
+        assert {m.x for m in panel.members} == {None, *presets.AMORTISE_EVERY}
+        for m in panel.members:
+            assert m.run.lam == (None if m.x is None else presets.DEMO_LAM)
+            assert m.run.stats_every == (1 if m.x is None else m.x)
+            assert m.run.epochs in budgets
+            if m.x in (None, 1):
+                series = presets.BASELINE if m.x is None else presets.tract_series(0.1)
+                assert budget_runs[m.run.run_id] == (setting, series)
+    others = [m for p in amortise for m in p.members if m.x not in (None, 1)]
+    assert not {m.run.run_id for m in others} & budget_runs.keys()
+    without = [p for p in panels if p.kind != "amortise"]
+    added = len(presets.unique_runs(panels)) - len(presets.unique_runs(without))
+    assert added == len(others) == len(settings) * len(budgets) * 3 * seeds
+
+
+def _fake_result(run: train.RunConfig, acc: float, loss: float) -> dict[str, Any]:
+    """What ``train_run`` returns, as far as the summary and the figures read it."""
+    return {
+        "run_id": run.run_id,
+        "config": run.as_dict(),
+        "augmentation": "none",
+        "final_test_acc": acc,
+        "final_train_loss": loss,
+    }
+
+
+def test_amortise_summary_pairs_with_exact_tract_and_the_baseline(tmp_path: Path) -> None:
+    """Synthetic accuracies: every stats_every is paired seed by seed with exact TrAct
+    (stats_every = 1) and with the baseline; exact TrAct's own row has no pairing with itself;
+    summary.md has the panel's table and amortise.png is written."""
+    template = presets.DEMO_SETTINGS[0].template(2)
+    amortise = presets._amortise_panel("amortised", template, 3, 0.1, (1, 4, 16))
+    acc = {  # x → accuracy per seed 0, 1, 2 (None: the baseline)
+        None: [0.80, 0.90, 0.70],
+        1: [0.86, 0.95, 0.77],
+        4: [0.85, 0.96, 0.75],
+        16: [0.87, 0.95, 0.79],
+    }
+    runs = {
+        m.run.run_id: _fake_result(m.run, acc[m.x][m.run.seed], 1.0 - acc[m.x][m.run.seed])
+        for m in amortise.members
+    }
+    panel = amortise.to_json()
+    (result,) = summary.summarize([panel], runs)
+    assert result["kind"] == "amortise" and [r["x"] for r in result["rows"]] == [1, 4, 16]
+    pct = {x: {s: 100 * a for s, a in enumerate(v)} for x, v in acc.items()}
+    for row in result["rows"]:
+        x, got = row["x"], row["acc"]
+        assert got["series"] == summary.asdict(summary.stat(pct[x]))
+        assert got["exact"] == summary.asdict(summary.stat(pct[1]))
+        assert got["baseline"] == summary.asdict(summary.stat(pct[None]))
+        assert got["paired"] == summary.asdict(summary.paired(pct[None], pct[x], True))
+        if x == 1:
+            assert got["paired_exact"] is None
+        else:
+            expected = summary.paired(pct[1], pct[x], True)
+            assert expected is not None and got["paired_exact"] == summary.asdict(expected)
+    four = result["rows"][1]["acc"]["paired_exact"]
+    assert four["mean"] == pytest.approx(-2 / 3) and (four["better"], four["n"]) == (1, 3)
+    loss = result["rows"][1]["loss"]["paired_exact"]  # lower is better for losses
+    assert loss["mean"] == pytest.approx(2 / 300) and loss["better"] == 1
+
+    text = plot.write_all(tmp_path, [panel], runs, [result])
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| stats_every | TrAct acc (%) | Δ pts vs exact")
+    assert rows[2].startswith("| 1 | ") and "| (exact) | (exact) |" in rows[2]
+    cells = rows[3].split(" | ")
+    assert cells[2:4] == [summary._delta(four, 2), "1/3"]
+    assert "Amortised statistics:" in text
+    assert (tmp_path / "amortise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_cifar_says_how_to_get_it(tmp_path: Path) -> None:

@@ -69,6 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(the default is 16 MiB on CPU and 256 MiB on CUDA devices)",
     )
     p.add_argument(
+        "--stats-every",
+        type=int,
+        default=16,
+        metavar="K",
+        help="add TrActOptimizer variants with stats_every=K (amortised statistics; timed over a "
+        "refresh cycle, see above; default 16, 0 or 1: none)",
+    )
+    p.add_argument(
         "--baseline",
         type=Path,
         default=None,
@@ -80,7 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-models", action="store_true", help="skip the whole-model cases")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--no-authors", action="store_true", help="skip the torch-tract variant")
-    p.add_argument("--only", default="", help="run only cases whose name contains this")
+    p.add_argument(
+        "--only",
+        default="",
+        help="run only cases whose name contains this (suite: whose 'section: case', e.g. "
+        "'models, compiled' or 'ResNet-50')",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="write the tables here")
     p.add_argument("--_memory", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -90,6 +103,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.runs = args.runs or (3 if args.quick else 30 if suite else 15)
     args.warmup = args.warmup or (1 if args.quick else 5 if suite else 3)
     args.model_runs = args.model_runs or (20 if suite else args.runs)
+    if args.stats_every < 0:
+        p.error(f"--stats-every must be >= 0, got {args.stats_every}")
+    if args.stats_every > 1 and min(args.runs, args.model_runs) < 2:
+        p.error("--stats-every > 1 needs --runs and --model-runs >= 2 (a refresh round and one "
+                "between refreshes)")  # fmt: skip
     return args
 
 
@@ -99,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    variants = choose(args.chunk_mib, args.baseline, authors=not args.no_authors)
+    variants, left_out = choose(
+        args.chunk_mib, args.baseline, not args.no_authors, max(args.stats_every, 1)
+    )
     if args._memory is not None:
         case_id, name = args._memory
         variant = next(v for v in variants if v.name == name)
@@ -107,10 +127,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"mib": mib}))
         return
     if args.gpu_suite is not None:
-        run_suite(args, device, variants)
+        run_suite(args, device, variants, left_out)
         return
     cases = all_cases(args.quick, not (args.quick or args.no_models))
-    report = new_report(args, device, [v.name for v in variants])
+    report = new_report(args, device, [v.name for v in variants], left_out)
     for kind in ("timed", "memory"):
         for index, case in enumerate(cases[kind]):
             if args.only not in case.name:

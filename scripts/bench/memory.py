@@ -43,7 +43,8 @@ def _reset_peak_rss() -> None:
 
 
 def measure_memory_here(case: Case, variant: Variant, device: torch.device) -> float:
-    """Extra peak bytes of one training step of ``variant`` over the memory before it, in MiB."""
+    """Extra peak bytes of one training step of ``variant`` over the memory before it, in MiB
+    (the first step: a statistics refresh, also for an amortised variant)."""
     torch.manual_seed(0)
     runner = make_runner(case, variant, case.build(), device)
     if device.type == "cuda":
@@ -62,6 +63,7 @@ def measure_memory(case_id: str, variant: str, args: argparse.Namespace) -> floa
     cmd += ["--quick"] if args.quick else []
     cmd += ["--baseline", str(args.baseline)] if args.baseline else []
     cmd += ["--chunk-mib", str(args.chunk_mib)] if args.chunk_mib else []
+    cmd += ["--stats-every", str(args.stats_every)]
     # glibc: a fixed mmap threshold returns every large block to the OS when freed, so RSS
     # follows the live tensors (the dynamic threshold keeps freed blocks of up to 32 MiB).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**16)}

@@ -99,6 +99,11 @@ def markdown(report: dict[str, Any]) -> str:
             cells = [case["case"]] + [_fmt(case["memory_mib"].get(v), ".1f") for v in variants]
             lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- skipped: {s}" for s in report.get("skipped", [])]
+    if any("stats_every" in t for c in report["cases"] for t in c.get("time", {}).values()):
+        notes.append(
+            "- stats every K steps: the step time averaged over a refresh cycle, (refresh + "
+            "(K − 1) · between) / K, from the medians of its refresh rounds and of the others"
+        )
     for case in report["cases"]:
         if "failed" in case:
             notes.append(f"- {case['case']} failed: {case['failed']}")
@@ -107,9 +112,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def new_report(
-    args: argparse.Namespace, device: torch.device, variants: list[str]
+    args: argparse.Namespace, device: torch.device, variants: list[str], skipped: list[str]
 ) -> dict[str, Any]:
-    """An empty report: environment, settings and the variants' names (the columns)."""
+    """An empty report: environment, settings, the variants' names (the columns) and notes on
+    what is skipped."""
     return {
         "environment": environment(device),
         "settings": {
@@ -120,8 +126,10 @@ def new_report(
             "quick": args.quick,
             "compile_backend": args.compile_backend,
             "baseline": None if args.baseline is None else str(args.baseline),
+            "stats_every": args.stats_every,
         },
         "variants": variants,
+        "skipped": list(skipped),
         "cases": [],
         "memory_vs_batch": [],
     }

@@ -19,7 +19,11 @@ from scripts.bench.variants import LAM, PLAIN, Variant
 
 @dataclass
 class Runner:
-    """A model, its optimizer and a fixed batch: ``step()`` is one full training step."""
+    """A model, its optimizer and a fixed batch: ``step()`` is one full training step.
+
+    ``stats_every``: the optimizer's statistics refresh interval; ``steps`` counts the steps
+    taken, so a step is a refresh when ``steps % stats_every == 0`` before it (the first one is).
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -27,8 +31,21 @@ class Runner:
     target: Tensor  # class labels (a whole model) or the output gradient (a layer alone)
     device: torch.device
     amp: bool = False
+    stats_every: int = 1
+    steps: int = 0
+
+    @property
+    def refreshes_next(self) -> bool:
+        """Whether the next step refreshes the statistics (always, for exact TrAct)."""
+        return self.steps % self.stats_every == 0
+
+    def align(self) -> None:
+        """Take untimed steps until the next one is a refresh."""
+        while not self.refreshes_next:
+            self.step()
 
     def step(self) -> None:
+        self.steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(self.x)
@@ -121,8 +138,11 @@ def make_runner(
         # classes' code, so the first variant compiled (plain, without TrAct's hook) would
         # serve them all.
         torch._dynamo.config.skip_nnmodule_hook_guards = False
+        # Each variant compiles the shared code once (an amortised one twice: refresh and
+        # between): with every variant on, more than Dynamo's default limit of 8 per code object.
+        torch._dynamo.config.recompile_limit = 32
         model = torch.compile(model, backend=backend, dynamic=False)
-    return Runner(model, optimizer, x, target.to(device), device, case.amp)
+    return Runner(model, optimizer, x, target.to(device), device, case.amp, variant.stats_every)
 
 
 def time_case(
@@ -134,14 +154,19 @@ def time_case(
     backend: str = "inductor",
     cuda_memory: bool = False,
 ) -> dict[str, Any]:
-    """Interleaved step times: medians per variant and medians of per-round ratios to plain.
+    """Interleaved step times: medians per variant and medians of per-round ratios to plain
+    (for an amortised variant, the mean over a refresh cycle: ``cycle_summary``).
 
     A variant that fails to build or to run its first step is reported under ``errors`` and
     left out (plain failing fails the case). ``first_step_s``: the first step's time, which
-    includes compilation for a compiled case. With ``cuda_memory``, each variant's extra peak
-    memory of one more step is measured in this process (``memory_mib``).
+    includes compilation for a compiled case. After the warm-up every amortised variant is
+    aligned so that its first timed round is a refresh (its later rounds cycle through the
+    steps between refreshes). With ``cuda_memory``, each variant's extra peak memory of one more
+    step (a refresh) is measured in this process (``memory_mib``).
     """
     torch.manual_seed(0)
+    if case.compiled:
+        torch._dynamo.reset()  # the previous cases' graphs: nothing shared, nothing to guard
     base = case.build()
     runners: dict[str, Runner] = {}
     errors: dict[str, str] = {}
@@ -159,26 +184,58 @@ def time_case(
     for _ in range(warmup - 1):
         for runner in runners.values():
             runner.step()
+    for runner in runners.values():
+        runner.align()
     names = list(runners)
     times: dict[str, list[float]] = {v: [] for v in names}
+    refresh: dict[str, list[bool]] = {v: [] for v in names}
     for round_ in range(runs):
         shift = round_ % len(names)
         for v in names[shift:] + names[:shift]:
+            refresh[v].append(runners[v].refreshes_next)
             times[v].append(runners[v].timed_step())
     result: dict[str, Any] = {"time": {}, "errors": errors, "memory_mib": {}}
     for v in names:
         ratios = [t / p for t, p in zip(times[v], times[PLAIN.name], strict=True)]
+        every = runners[v].stats_every
+        extra: dict[str, Any] = {}
+        if every == 1:
+            step, ratio = statistics.median(times[v]), statistics.median(ratios)
+        else:
+            cycle = cycle_summary(times[v], refresh[v], every)
+            step, ratio = cycle["cycle"], cycle_summary(ratios, refresh[v], every)["cycle"]
+            extra = {
+                "refresh_ms": 1e3 * cycle["refresh"],
+                "between_ms": 1e3 * cycle["between"],
+                "stats_every": every,
+                "refresh": refresh[v],
+            }
         result["time"][v] = {
-            "median_ms": 1e3 * statistics.median(times[v]),
-            "ratio_to_plain": statistics.median(ratios),
+            "median_ms": 1e3 * step,
+            "ratio_to_plain": ratio,
             "times_ms": [round(1e3 * t, 6) for t in times[v]],  # ns: ratios recompute
             "first_step_s": round(first_step[v], 3),
+            **extra,
         }
         if cuda_memory:
+            runners[v].align()  # the peak is a refresh step's
             result["memory_mib"][v] = runners[v].cuda_step_memory()
     del runners
     release(device)
     return result
+
+
+def cycle_summary(values: list[float], refresh: list[bool], every: int) -> dict[str, float]:
+    """The median of the refresh rounds' ``values``, that of the rounds between refreshes, and
+    the mean over a refresh cycle of ``every`` steps, (refresh + (every − 1) · between) / every:
+    an amortised optimizer's fair step time (or ratio), whatever share of refreshes the rounds
+    happened to hold. Needs a round of each kind."""
+    on = [v for v, r in zip(values, refresh, strict=True) if r]
+    off = [v for v, r in zip(values, refresh, strict=True) if not r]
+    if not on or not off:
+        raise ValueError("an amortised variant needs a refresh round and a round between refreshes")
+    fresh, between = statistics.median(on), statistics.median(off)
+    return {"refresh": fresh, "between": between, "cycle": (fresh + (every - 1) * between) / every}
 
 
 def release(device: torch.device) -> None:
