@@ -141,14 +141,20 @@ def run_ddp(
 
 
 def run_fsdp2(
-    cfg: Config, rank: int, *, shard_layers: bool, tract_first: bool = False
+    cfg: Config,
+    rank: int,
+    *,
+    shard_layers: bool,
+    tract_first: bool = False,
+    steps: int = STEPS,
+    **tract: Any,
 ) -> dict[str, Any]:
     """Train under ``fully_shard``: of each first layer and the root, or of the root only.
     ``tract_first``: the optimizer is built before sharding and then re-pointed at the sharded
     parameters, as ``accelerate.prepare(model, optimizer)`` does under FSDP2."""
     model = make_model(cfg)
     if tract_first:
-        opt = make_optimizer(model)
+        opt = make_optimizer(model, **tract)
     if shard_layers:
         fully_shard(model.conv)
         fully_shard(model.lin)
@@ -156,10 +162,10 @@ def run_fsdp2(
     if tract_first:
         opt.param_groups[0]["params"] = list(model.parameters())
     else:
-        opt = make_optimizer(model)
+        opt = make_optimizer(model, **tract)
     collectives = []
     rows: dict[str, int] = {}
-    for step in range(STEPS):
+    for step in range(steps):
         opt.zero_grad()
         loss_of(model, batch(cfg, step, rank)).backward()
         for name in ("conv", "lin"):
@@ -184,6 +190,8 @@ def worker(rank: int, world: int) -> dict[str, Any]:
     out["ddp-no-sync"] = run_ddp(cfg, rank, micro=2)
     out["ddp-compiled"] = run_ddp(cfg, rank, compiled=True)
     out["fsdp2-tract-first"] = run_fsdp2(cfg, rank, shard_layers=False, tract_first=True)
+    out["ddp-every2"] = run_ddp(cfg, rank, steps=4, stats_every=2)
+    out["fsdp2-every2"] = run_fsdp2(cfg, rank, shard_layers=True, steps=4, stats_every=2)
     return out
 
 
@@ -318,3 +326,13 @@ def test_fsdp2_applied_after_the_optimizer_follows_the_sharded_weights(
     sharded parameters: the layer's current weight is preconditioned, as when built after."""
     for res in results:
         assert_close(res["fsdp2-tract-first"]["params"], res["ddp/groups"]["params"])
+
+
+def test_amortised_statistics_under_ddp_and_fsdp2_agree(results: list[dict[str, Any]]) -> None:
+    """``stats_every=2``: FSDP2's sharded update equals DDP's, whose steps between refreshes
+    use the global refresh rows (``tests/test_amortise.py`` checks that against float64), and
+    refresh steps issue the one collective while the steps in between issue none."""
+    for res in results:
+        assert_close(res["fsdp2-every2"]["params"], res["ddp-every2"]["params"])
+        assert res["ddp-every2"]["collectives"] == [1, 0, 1, 0]
+        assert res["fsdp2-every2"]["collectives"] == [1, 0, 1, 0]

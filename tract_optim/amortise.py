@@ -10,6 +10,11 @@ preconditioner, so the convergence points stay those of the paper's exact update
 
 With ``decay`` d (``stats_decay``), the kept matrix is a running average over refreshes,
 A ← d·A + (1 − d)·xᵀx/r, as K-FAC's ``factor_decay``.
+
+In capturable mode (``StaticKept``) a step cannot ask the host whether it refreshes: a device
+step counter selects, with ``torch.where``, the new statistics or the kept ones, and the step
+factors the kept ones every time. The update is the same; the hooks still compute statistics
+every step, so this saves nothing there.
 """
 
 from __future__ import annotations
@@ -87,3 +92,39 @@ def _blend(old: Stats, new: Stats, decay: float) -> Stats:
 
 def _as_divisor(count: int | Tensor, dtype: torch.dtype) -> int | Tensor:
     return count if isinstance(count, int) else count.clamp(min=1).to(dtype)
+
+
+class StaticKept:
+    """``Kept`` for capturable steps: buffers updated in place, the refresh decided on the
+    device (``stats_every`` steps per refresh, counted by ``step``)."""
+
+    def __init__(
+        self, groups: int, n: int, device: torch.device, dtype: torch.dtype, every: int
+    ) -> None:
+        self.every = every
+        self.gram = torch.zeros(groups, n, n, device=device, dtype=dtype)  # xᵀx/r kept
+        self.rows = torch.zeros((), device=device, dtype=torch.float64)  # 1 once statistics exist
+        self.step = torch.zeros((), device=device, dtype=torch.int64)
+
+    def refresh(self, new: Stats, decay: float | None) -> Stats:
+        """The statistics this step uses: ``new`` on a refresh step (blended under ``decay``),
+        else the kept ones; advances the step counter. No host reads."""
+        assert new.gram is not None
+        again = self.step % self.every == 0
+        fresh = new.gram.to(self.gram) / _as_divisor(new.count, self.gram.dtype)
+        if decay is not None:
+            fresh = torch.where(self.rows > 0, self.gram * decay + fresh * (1 - decay), fresh)
+        seen = torch.as_tensor(new.count, device=self.rows.device, dtype=torch.float64) > 0
+        self.gram.copy_(torch.where(again, fresh, self.gram))
+        self.rows.copy_(torch.where(again, seen.to(self.rows), self.rows))
+        self.step.add_(1)
+        return Stats(count=self.rows, gram=self.gram, precision=new.accuracy)
+
+    def state(self) -> dict[str, Any]:
+        return {"gram": self.gram, "rows": self.rows, "step": self.step}
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            self.gram.copy_(state["gram"])
+            self.rows.copy_(state["rows"])
+            self.step.copy_(state["step"])

@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import diagnostics, graph, unfold
-from .amortise import Kept
+from .amortise import Kept, StaticKept
 from .ledger import GradientLedger, Pass
 from .policy import Precision, pass_statistics
 from .settings import Settings
@@ -70,7 +70,19 @@ class Target:
         self.superseded = False
         #: Whether passes are recorded with statistics (False between refreshes, see amortise).
         self.collecting = True
-        self.kept = Kept() if settings.stats_every > 1 else None
+        self.kept: Kept | StaticKept | None = None
+        if settings.stats_every > 1:
+            self.kept = (
+                StaticKept(
+                    self.geometry.groups,
+                    self.geometry.n,
+                    self.weight.device,
+                    self.precision.dtype(self.weight.dtype),
+                    settings.stats_every,
+                )
+                if settings.capturable
+                else Kept()
+            )
         self.key = graph.register(self)
         self._handles: list[RemovableHandle] = []
         self._weight_hooks: WeakIdKeyDictionary = WeakIdKeyDictionary()

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import diagnostics, distributed, solve
+from .amortise import Kept
 from .capture import Target
 from .diagnostics import Status
 from .settings import Settings
@@ -64,9 +65,9 @@ def run(jobs: list[Job], settings: Settings, fresh: list[bool]) -> None:
     for job, new, use, again in zip(jobs, stats, fresh, refresh, strict=True):
         kept = job.target.kept
         s = new
-        if kept is not None and again:
+        if kept is not None and again:  # a refresh (every step of a capturable one)
             s = None if new is None else kept.refresh(new, settings.stats_decay)
-        elif kept is not None:  # between refreshes: the kept statistics, if passes were counted
+        elif isinstance(kept, Kept):  # between refreshes: the kept statistics, if passes counted
             s = kept.stats if use and job.target.ledger.commits > 0 else None
         job.stats = s
         job.dtype = solve.resolve_dtype(
@@ -75,8 +76,8 @@ def run(jobs: list[Job], settings: Settings, fresh: list[bool]) -> None:
             s is not None and s.rows is not None,
         )
         lam = job.lam_tensor if job.lam_tensor is not None else job.lam
-        between = kept is not None and not again
-        reuse = kept.factor(lam, job.dtype) if kept is not None and between else None
+        between = isinstance(kept, Kept) and not again
+        reuse = kept.factor(lam, job.dtype) if isinstance(kept, Kept) and between else None
         _solve(job, job.dtype, reuse, invert=between)
     if settings.capturable:
         for job in jobs:
@@ -91,7 +92,7 @@ def run(jobs: list[Job], settings: Settings, fresh: list[bool]) -> None:
         if job.factor is not None or settings.capturable:
             local.copy_(job.new.reshape(local.shape))
         kept = job.target.kept
-        if kept is not None and job.factor is not None and job.fresh_factor:
+        if isinstance(kept, Kept) and job.factor is not None and job.fresh_factor:
             kept.keep_factor(job.factor, job.lam, job.dtype)
         job.target.ledger.mark_preconditioned()
 

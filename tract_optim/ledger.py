@@ -18,10 +18,10 @@ the layer's weight, which is what accumulates it into ``weight.grad`` (or what
    backward (``model.zero_grad()``, an optimizer's ``zero_grad`` in attach mode: set to None, or
    changed in place and now all zeros), and when a backward adds to a gradient that a step has
    already used.
-4. "Already preconditioned" belongs to the epoch, not to a gradient tensor: ``precondition_()``
-   marks it, and the optimizers that step on it are noted, so that one step of several
-   optimizers preconditions once, and a backward that adds to a preconditioned gradient before
-   its step is reported (``mixed``).
+4. "Already preconditioned" belongs to the epoch, not to a gradient tensor (``Phase``):
+   ``precondition_()`` marks it, and the optimizers that step on it are noted, so that one step
+   of several optimizers preconditions once, and a backward that adds to a preconditioned
+   gradient before its step is reported (``Phase.MIXED``).
 
 No device reads, except when a gradient changed in place between two backward passes of one
 epoch (whether it was zeroed).
@@ -29,6 +29,7 @@ epoch (whether it was zeroed).
 
 from __future__ import annotations
 
+import enum
 import functools
 import threading
 import weakref
@@ -43,6 +44,21 @@ from .statistics import Accumulator, StaticAccumulator, Stats
 
 #: Who asks for preconditioning: an optimizer stepping (its ``id``) or an explicit call.
 EXPLICIT = 0
+
+
+class Phase(enum.Enum):
+    """Where the current gradient stands in its step."""
+
+    #: Its statistics are being gathered.
+    COLLECTING = "collecting"
+    #: It holds its TrAct gradient (its statistics are used up); no optimizer stepped on it yet.
+    PRECONDITIONED = "preconditioned"
+    #: An optimizer stepped on it; a backward that adds to it starts a new gradient.
+    STEPPED = "stepped"
+    #: A backward added to it after it was preconditioned, before the step: an error.
+    MIXED = "mixed"
+    #: A pass whose statistics were already used by a step was backpropagated again: an error.
+    LOST = "lost"
 
 
 @dataclass
@@ -103,10 +119,8 @@ class GradientLedger:
         self._owner: tuple[weakref.ref[Tensor], int] | None = None
         self.recorded = False  # a pass was recorded since the last step (for error messages)
         self.commits = 0  # passes committed this epoch
-        self.preconditioned = False
+        self.phase = Phase.COLLECTING
         self.steppers: set[int] = set()  # optimizers that stepped on the preconditioned gradient
-        self.mixed = False
-        self.lost = False
 
     # --- backward -------------------------------------------------------------------------------
 
@@ -168,19 +182,18 @@ class GradientLedger:
         task.committed = task.committed or bool(entries)
 
     def _commit(self, entry: Pass) -> None:
-        if entry.id in self._committed:
+        if entry.id in self._committed or self.phase in (Phase.MIXED, Phase.LOST):
             return
-        if self.preconditioned:
-            if not self.steppers:
-                self.mixed = True
-                return
-            # A backward after a step without zero_grad: a new gradient starts.
-            self._new_epoch()
+        if self.phase is Phase.PRECONDITIONED:
+            self.phase = Phase.MIXED
+            return
+        if self.phase is Phase.STEPPED:
+            self._new_epoch()  # a backward after a step without zero_grad: a new gradient
         if entry.stats is not None:
             self.accumulator.add(entry.stats)
             entry.stats = None  # released: the accumulator holds it now (eager passes)
         elif not entry.light:
-            self.lost = True
+            self.phase = Phase.LOST
             return
         self._committed.add(entry.id)
         self.commits += 1
@@ -217,7 +230,7 @@ class GradientLedger:
     def mark_preconditioned(self) -> None:
         """The gradient now holds its TrAct gradient; its statistics are released."""
         with self._lock:
-            self.preconditioned = True
+            self.phase = Phase.PRECONDITIONED
             self.steppers.clear()
             self.recorded = False
             self.accumulator.clear()
@@ -226,15 +239,14 @@ class GradientLedger:
     def mark_stepped(self, requester: int) -> None:
         """Optimizer ``requester`` stepped on the preconditioned gradient."""
         with self._lock:
-            if self.preconditioned:
+            if self.phase in (Phase.PRECONDITIONED, Phase.STEPPED):
+                self.phase = Phase.STEPPED
                 self.steppers.add(requester)
 
     def stale(self, requester: int) -> bool:
-        """Whether a preconditioned gradient was already used by ``requester`` (by any optimizer,
-        for an explicit call), so that preconditioning it again has no statistics to use."""
-        if not self.preconditioned:
-            return False
-        return requester in self.steppers or (requester == EXPLICIT and bool(self.steppers))
+        """Whether ``requester`` (an explicit call: anyone) already stepped on this preconditioned
+        gradient, so that preconditioning it again has no statistics to use."""
+        return self.phase is Phase.STEPPED and (requester in self.steppers or requester == EXPLICIT)
 
     def reset(self) -> None:
         """Start a new gradient (``zero_grad``): drop statistics, marks and pending passes."""
@@ -248,10 +260,8 @@ class GradientLedger:
         self._committed.clear()
         self._owner = None
         self.commits = 0
-        self.preconditioned = False
+        self.phase = Phase.COLLECTING
         self.steppers.clear()
-        self.mixed = False
-        self.lost = False
 
 
 def _local(grad: Tensor) -> Tensor:

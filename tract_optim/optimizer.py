@@ -78,6 +78,11 @@ class TrActOptimizer(Optimizer):
         self._inner: Optimizer | OptimizerChain = (
             optimizers[0] if len(optimizers) == 1 else OptimizerChain(optimizers)
         )
+        self._load_inner = (
+            _one_optimizer_loader(optimizers[0])
+            if len(optimizers) == 1
+            else self._inner.load_state_dict
+        )
         self._pre = TrActPreconditioner(
             first_layer,
             lam,
@@ -221,11 +226,7 @@ class TrActOptimizer(Optimizer):
         tract = sd.get("tract")
         if tract is not None:
             self._pre.check_state_dict(tract, "state_dict['tract']")
-        if isinstance(self._inner, Optimizer) and (
-            "optimizers" in sd or "groups_per_optimizer" in sd
-        ):
-            raise ValueError("state_dict holds several optimizers; this wraps one")
-        self._inner.load_state_dict({k: v for k, v in sd.items() if k != "tract"})
+        self._load_inner({k: v for k, v in sd.items() if k != "tract"})
         if tract is not None:
             self._pre.load_state_dict(tract, "state_dict['tract']")
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -270,3 +271,14 @@ def _as_optimizers(optimizer: Optimizer | Sequence[Optimizer]) -> list[Optimizer
             raise TypeError(f"optimizer[{i}] is already a TrActOptimizer; wrap the inner one once")
         check_optimizer(opt, f"optimizer[{i}]")
     return inner
+
+
+def _one_optimizer_loader(opt: Optimizer) -> Callable[[Mapping[str, Any]], None]:
+    """``opt.load_state_dict``, refusing first a state dict saved from several optimizers."""
+
+    def load(state_dict: Mapping[str, Any]) -> None:
+        if "optimizers" in state_dict or "groups_per_optimizer" in state_dict:
+            raise ValueError("state_dict holds several optimizers; this wraps one")
+        opt.load_state_dict(dict(state_dict))
+
+    return load

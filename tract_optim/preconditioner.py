@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from . import diagnostics, engine, unfold
 from . import layers as layers_
 from .capture import Target
-from .ledger import EXPLICIT
+from .ledger import EXPLICIT, Phase
 from .policy import Mode, Precision
 from .settings import Settings, check_lam, check_lams
 
@@ -189,16 +189,17 @@ class TrActPreconditioner:
                     raise RuntimeError(diagnostics.replaced(target.describe()))
                 target.weight = weight
             ledger = target.ledger
-            if ledger.mixed:
+            if ledger.phase is Phase.MIXED:
                 raise RuntimeError(diagnostics.mixed(target.describe()))
-            if ledger.lost:
+            if ledger.phase is Phase.LOST:
                 raise RuntimeError(diagnostics.lost(target.describe()))
             grad = weight.grad
-            if grad is None or (ledger.preconditioned and not ledger.stale(requester)):
+            collecting = ledger.phase is Phase.COLLECTING
+            if grad is None or not (collecting or ledger.stale(requester)):
                 continue
             lam_tensor = self._lam_tensors[k] if self._lam_tensors else None
             jobs.append(engine.Job(target, grad, self._lams[target.indices[0]], lam_tensor))
-            fresh.append(not ledger.preconditioned)
+            fresh.append(collecting)
         if jobs:
             engine.run(jobs, self._settings, fresh)
             self._clock[0] += 1
@@ -206,7 +207,9 @@ class TrActPreconditioner:
 
     def _set_collecting(self) -> None:
         """Whether the passes of the next step are recorded with statistics (a refresh)."""
-        refresh = self._clock[0] % self._settings.stats_every == 0
+        # capturable: every step records (the device counter of ``StaticKept`` decides)
+        settings = self._settings
+        refresh = settings.capturable or self._clock[0] % settings.stats_every == 0
         for target in self._targets:
             target.collecting = refresh
 

@@ -77,11 +77,6 @@ class Settings:
             raise ValueError(
                 f"gram_precision must be one of {choices}, got {self.gram_precision!r}"
             )
-        if self.capturable and every > 1:
-            raise ValueError(
-                "stats_every > 1 cannot be combined with capturable=True: a captured step "
-                "cannot tell refresh steps from the steps in between without a host read"
-            )
 
 
 def check_lam(lam: object, name: str) -> float:
