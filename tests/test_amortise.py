@@ -287,3 +287,38 @@ def test_ddp_steps_between_refreshes_use_the_global_refresh_rows() -> None:
         for result in results:
             expected = tract_grad(rows, result[step]["raw"], LAM)
             assert relative_error(result[step]["got"], expected) < TOL, step
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.update(step=-1), r"\['step'\] must be a non-negative int"),
+        (lambda t: t.update(kept=[]), r"\['kept'\] must be a list of 1 entries"),
+        (lambda t: t["kept"][0].pop("count"), r"\['kept'\]\[0\] must be None or the kept"),
+        (
+            lambda t: t["kept"][0].update(gram=torch.zeros(1, 5, 5)),
+            r"\['kept'\]\[0\] must be None or the kept statistics of a layer with 1 group",
+        ),
+    ],
+)
+def test_malformed_amortisation_checkpoint_is_refused_before_any_change(
+    edit: Callable[[dict[str, Any]], object], message: str
+) -> None:
+    model = conv_net()
+    opt = TrActOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model.first, LAM, stats_every=3
+    )
+    train(model, opt, model, "conv", range(2))
+    saved = copy.deepcopy(opt.state_dict())
+    edit(saved["tract"])
+    before = copy.deepcopy(opt.state_dict())
+    other = conv_net()
+    other_opt = TrActOptimizer(
+        torch.optim.SGD(other.parameters(), lr=0.1), other.first, 0.3, stats_every=3
+    )
+    other_before = copy.deepcopy(other_opt.state_dict())
+    with pytest.raises(ValueError, match=r"state_dict\['tract'\]" + message):
+        other_opt.load_state_dict(saved)
+    assert other_opt.lams == (0.3,)
+    assert other_opt.state_dict()["tract"] == other_before["tract"]
+    assert opt.state_dict()["tract"]["step"] == before["tract"]["step"]

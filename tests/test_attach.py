@@ -65,20 +65,31 @@ def _adam_reference(kind: str) -> Callable[[nn.Module], Optimizer]:
 
 @pytest.mark.parametrize("kind", ["plain", "foreach", "fused"])
 def test_attached_adamw_equals_tract_optimizer(kind: str) -> None:
-    """Attach to a (fused, foreach) AdamW: the same training as TrActOptimizer around it."""
+    """Attach to a (fused, foreach) AdamW: the same training as TrActOptimizer around it, and
+    as a plain AdamW whose first-layer gradient is replaced by float64 TrAct by hand."""
     make = _adam_reference(kind)
-    attached, wrapped = conv_net(), conv_net()
+    attached, wrapped, by_hand = conv_net(), conv_net(), conv_net()
     opt = make(attached)
     TrActPreconditioner(attached.first, LAM).attach(opt)
     ref = TrActOptimizer(make(wrapped), wrapped.first, LAM)
+    plain = make(by_hand)
     for step in range(3):
         x = images(step)
         for model, o in ((attached, opt), (wrapped, ref)):
             o.zero_grad()
             loss(model(x)).backward()
             o.step()
-    for p, q in zip(attached.parameters(), wrapped.parameters(), strict=True):
+        plain.zero_grad()
+        loss(by_hand(x)).backward()
+        weight = by_hand.first.weight
+        assert weight.grad is not None
+        weight.grad = tract_grad(stacked_rows(by_hand.first, [x]), weight.grad, LAM).float()
+        plain.step()
+    for p, q, r in zip(
+        attached.parameters(), wrapped.parameters(), by_hand.parameters(), strict=True
+    ):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
 
 
 def test_two_attached_optimizers_precondition_once() -> None:
@@ -104,7 +115,20 @@ def test_two_attached_optimizers_precondition_once() -> None:
 
 def test_attach_with_grad_scaler_and_clipping() -> None:
     """scaler.step(opt) unscales, then the pre-hook preconditions and clips: the TrAct
-    gradient, clipped to the norm, as TrActOptimizer(clip_grad_norm=) does it."""
+    gradient, clipped to the norm, as TrActOptimizer(clip_grad_norm=) does it and as a plain
+    loop does it with float64 TrAct and ``clip_grad_norm_`` by hand."""
+    by_hand = conv_net()
+    plain = SGD(by_hand.parameters(), lr=0.5)
+    norms = []
+    for step in range(2):
+        x = images(step)
+        plain.zero_grad()
+        loss(by_hand(x)).backward()
+        weight = by_hand.first.weight
+        assert weight.grad is not None
+        weight.grad = tract_grad(stacked_rows(by_hand.first, [x]), weight.grad, LAM).float()
+        norms.append(torch.nn.utils.clip_grad_norm_(by_hand.parameters(), 0.05))
+        plain.step()
     attached, wrapped = conv_net(), conv_net()
     opt = SGD(attached.parameters(), lr=0.5)
     pre = TrActPreconditioner(attached.first, LAM, clip_grad_norm=0.05)
@@ -120,8 +144,12 @@ def test_attach_with_grad_scaler_and_clipping() -> None:
             scaler.update()
     assert pre.last_grad_norm is not None and ref.last_grad_norm is not None
     torch.testing.assert_close(pre.last_grad_norm, ref.last_grad_norm)
-    for p, q in zip(attached.parameters(), wrapped.parameters(), strict=True):
+    torch.testing.assert_close(pre.last_grad_norm, norms[-1], rtol=1e-5, atol=0)
+    for p, q, r in zip(
+        attached.parameters(), wrapped.parameters(), by_hand.parameters(), strict=True
+    ):
         torch.testing.assert_close(p, q)
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])

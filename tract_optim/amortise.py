@@ -69,6 +69,29 @@ class Kept:
             "precision": str(self.stats.accuracy).removeprefix("torch."),
         }
 
+    @staticmethod
+    def check(state: Any, where: str, groups: int, n: int) -> None:
+        """Raise ``ValueError`` naming ``where`` unless ``state`` is what ``state()`` saves."""
+        if state is None:
+            return
+        data = [k for k in ("gram", "rows") if k in state] if isinstance(state, dict) else []
+        ok = (
+            len(data) == 1
+            and isinstance(state[data[0]], Tensor)
+            and state[data[0]].dim() == 3
+            and state[data[0]].shape[0] == groups
+            and state[data[0]].shape[-1] == n
+            and (data[0] == "rows" or state["gram"].shape[1] == n)
+            and isinstance(state.get("count"), (int, Tensor))
+            and state.get("precision") in ("float32", "float64")
+        )
+        if not ok:
+            raise ValueError(
+                f"{where} must be None or the kept statistics of a layer with {groups} group(s) "
+                f"of n = {n} (a 'gram' or 'rows' tensor, a 'count' and a 'precision'), saved by "
+                "a TrActOptimizer or TrActPreconditioner over the same layers"
+            )
+
     def load(self, state: dict[str, Any] | None) -> None:
         self.clear()
         if state is not None:
@@ -122,6 +145,23 @@ class StaticKept:
 
     def state(self) -> dict[str, Any]:
         return {"gram": self.gram, "rows": self.rows, "step": self.step}
+
+    def check(self, state: Any, where: str) -> None:
+        """Raise ``ValueError`` naming ``where`` unless ``state`` is what ``state()`` saves."""
+        if state is None:
+            return
+        ok = (
+            isinstance(state, dict)
+            and all(isinstance(state.get(k), Tensor) for k in ("gram", "rows", "step"))
+            and state["gram"].shape == self.gram.shape
+            and state["rows"].dim() == 0
+            and state["step"].dim() == 0
+        )
+        if not ok:
+            raise ValueError(
+                f"{where} must be None or the capturable kept statistics ('gram' of shape "
+                f"{tuple(self.gram.shape)}, 'rows' and 'step'), saved by the same setup"
+            )
 
     def load(self, state: dict[str, Any] | None) -> None:
         if state is not None:

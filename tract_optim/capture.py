@@ -11,10 +11,11 @@ whose passes are pooled. It installs:
   ``torch.func`` transform (which never touches ``.grad``), and the module being the very layer
   it was installed on (a ``deepcopy`` of the model, e.g. an EMA copy, carries an inert copy of
   the hook);
-- a tensor hook on the layer's weight, which commits the passes of a backward when that backward
-  computes the weight's gradient (``ledger``). It follows the layer's current weight: a weight
-  that replaced the original after construction (``fully_shard``, FSDP2's unsharded parameter
-  during backward) is hooked when backward first reaches one of its passes.
+- a tensor hook and a post-accumulate hook on the layer's weight, through which the ledger
+  commits a backward's passes when that backward accumulates the weight's gradient (or computes
+  it for ``torch.autograd.grad``). They follow the layer's current weight: a weight that
+  replaced the original after construction (``fully_shard``, FSDP2's unsharded parameter during
+  backward) is hooked when backward first reaches one of its passes.
 
 Hooks hold their target weakly and are removed when it is garbage collected, so an optimizer
 deleted without ``remove()`` leaves nothing on the model.

@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import diagnostics, engine, unfold
 from . import layers as layers_
+from .amortise import Kept, StaticKept
 from .capture import Target
 from .ledger import EXPLICIT, Phase
 from .policy import Mode, Precision
@@ -384,7 +385,26 @@ class TrActPreconditioner:
                 raise ValueError(
                     f"{where}: {target.describe()} share one weight, so their λ must be equal"
                 )
+        self._check_kept(state, where, len(lams))
         return lams, modes
+
+    def _check_kept(self, state: Mapping[str, Any], where: str, count: int) -> None:
+        """Raise unless the amortisation entries (``step``, ``kept``), if any, fit."""
+        step = state.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where}['step'] must be a non-negative int, got {step!r}")
+        kept = state.get("kept")
+        if kept is None:
+            return
+        if not isinstance(kept, list) or len(kept) != count:
+            raise ValueError(f"{where}['kept'] must be a list of {count} entries, one per layer")
+        for target in self._targets:
+            i = target.indices[0]
+            name = f"{where}['kept'][{i}]"
+            if isinstance(target.kept, StaticKept):
+                target.kept.check(kept[i], name)
+            elif target.kept is not None:
+                Kept.check(kept[i], name, target.geometry.groups, target.geometry.n)
 
     def remove(self) -> None:
         """Take the hooks off the first layers and detach from every optimizer."""
